@@ -1,0 +1,13 @@
+//! keyfence: a policy decision point for partner API keys.
+//!
+//! Layout, inner to outer (dependencies point inward):
+//! - [`policy`]: domain types and the pure decision engine; knows nothing of I/O.
+//! - [`store`]: the source of truth (embedded file store; Redis later), one trait.
+//! - [`sync`]: applies store changes to the in-memory policy snapshot.
+//! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
+//! - [`config`]: the one configuration struct, from file, environment and flags.
+//! - [`server`]: wires the above together and runs the listeners.
+//! - [`cli`]: the admin command line, a client of the Admin service.
+#![forbid(unsafe_code)]
+
+pub mod policy;

@@ -1,0 +1,132 @@
+//! An in-process ledger of nonces seen inside the signature window.
+//!
+//! A nonce is remembered per key until its request's timestamp leaves the window; after that the
+//! timestamp check rejects a replay anyway, so the entry can go. The ledger is sharded so that
+//! concurrent decisions for different keys rarely meet on one lock, and each shard purges expired
+//! entries when it has doubled in size since its last purge.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use sha2::{Digest, Sha256};
+
+use super::model::{KeyId, UnixMillis};
+
+const SHARDS: usize = 16;
+
+#[derive(Default)]
+struct Shard {
+    /// Truncated SHA-256 of (key id, nonce) → when the entry may be forgotten.
+    seen: HashMap<[u8; 16], UnixMillis>,
+    purge_at_len: usize,
+}
+
+pub struct NonceLedger {
+    shards: [Mutex<Shard>; SHARDS],
+}
+
+impl Default for NonceLedger {
+    fn default() -> Self {
+        NonceLedger {
+            shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
+        }
+    }
+}
+
+impl NonceLedger {
+    /// Records the nonce and answers whether it was fresh. With `consume == false` (a dry run) it
+    /// only answers.
+    pub fn claim(
+        &self,
+        key: &KeyId,
+        nonce: &str,
+        forget_after: UnixMillis,
+        now: UnixMillis,
+        consume: bool,
+    ) -> bool {
+        let fingerprint = fingerprint(key, nonce);
+        let shard = &self.shards[usize::from(fingerprint[0]) % SHARDS];
+        let mut shard = shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(&until) = shard.seen.get(&fingerprint) {
+            if now < until {
+                return false;
+            }
+        }
+        if consume {
+            shard.seen.insert(fingerprint, forget_after);
+            if shard.seen.len() > shard.purge_at_len {
+                shard.seen.retain(|_, until| now < *until);
+                shard.purge_at_len = (shard.seen.len() * 2).max(1024);
+            }
+        }
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).seen.len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn fingerprint(key: &KeyId, nonce: &str) -> [u8; 16] {
+    let mut hasher = Sha256::new();
+    hasher.update(key.as_str().as_bytes());
+    hasher.update([0u8]);
+    hasher.update(nonce.as_bytes());
+    let digest = hasher.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_use_inside_the_window_is_refused() {
+        let ledger = NonceLedger::default();
+        let key: KeyId = "key_a".parse().unwrap();
+        let other: KeyId = "key_b".parse().unwrap();
+        let now = UnixMillis(1_000);
+        let until = UnixMillis(2_000);
+        assert!(
+            ledger.claim(&key, "n1", until, now, false),
+            "dry run of a fresh nonce"
+        );
+        assert!(ledger.claim(&key, "n1", until, now, true));
+        assert!(!ledger.claim(&key, "n1", until, now, true));
+        assert!(!ledger.claim(&key, "n1", until, now, false));
+        // Nonces are per key.
+        assert!(ledger.claim(&other, "n1", until, now, true));
+        // After the window the entry is forgotten.
+        assert!(ledger.claim(&key, "n1", UnixMillis(3_000), until, true));
+    }
+
+    #[test]
+    fn expired_entries_are_purged() {
+        let ledger = NonceLedger::default();
+        let key: KeyId = "key_a".parse().unwrap();
+        for i in 0..5_000 {
+            ledger.claim(&key, &i.to_string(), UnixMillis(10), UnixMillis(0), true);
+        }
+        let before = ledger.len();
+        for i in 0..20_000 {
+            ledger.claim(
+                &key,
+                &format!("late{i}"),
+                UnixMillis(1_000),
+                UnixMillis(500),
+                true,
+            );
+        }
+        assert!(ledger.len() < before + 20_000, "expired nonces were purged");
+    }
+}
