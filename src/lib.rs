@@ -10,4 +10,8 @@
 //! - [`cli`]: the admin command line, a client of the Admin service.
 #![forbid(unsafe_code)]
 
+pub mod authz;
+pub mod grpc;
 pub mod policy;
+pub mod store;
+pub mod sync;

@@ -132,6 +132,39 @@ string_id!(
     |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
 );
 
+/// The environments this deployment serves; keys and partner lists exist only in these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environments(Vec<Environment>);
+
+impl Environments {
+    pub fn new(environments: Vec<Environment>) -> Environments {
+        Environments(environments)
+    }
+
+    /// Parses `text` and checks that it is configured.
+    pub fn parse(&self, text: &str) -> Result<Environment, String> {
+        let environment: Environment = text.parse().map_err(|e: IdError| e.to_string())?;
+        if self.0.contains(&environment) {
+            Ok(environment)
+        } else {
+            Err(format!("{text:?} is not a configured environment ({})", self.names().join(", ")))
+        }
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|e| e.as_str()).collect()
+    }
+}
+
+impl Default for Environments {
+    fn default() -> Self {
+        Environments(vec![
+            Environment("production".into()),
+            Environment("sandbox".into()),
+        ])
+    }
+}
+
 impl KeyId {
     /// A fresh random identifier.
     pub fn generate() -> KeyId {

@@ -1,0 +1,21 @@
+//! The gRPC edge: tonic services for the data plane (Authorizer) and the management plane
+//! (Admin), health and reflection.
+//!
+//! Architecture invariant: this is the only module that names generated protobuf types or
+//! `tonic::Status`. Requests are validated here, once, into policy types ([`convert`]); errors
+//! become statuses through one table ([`status`]).
+
+pub mod admin;
+pub mod auth;
+pub mod authorizer;
+pub mod convert;
+pub mod status;
+
+/// Generated protobuf and tonic code for `keyfence.v1`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("keyfence.v1");
+
+    /// The encoded descriptors of `proto/`, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keyfence_descriptor.bin"));
+}

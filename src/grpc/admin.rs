@@ -1,0 +1,476 @@
+//! `keyfence.v1.Admin`: keys and allowlists for internal tooling, on its own listener.
+//!
+//! Each mutation validates the whole request first, then runs as one store transaction, then
+//! waits (briefly) until this replica's snapshot reflects it, so that a caller who writes and then
+//! asks this replica sees its write.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::Engine as _;
+use rand::RngCore;
+use tonic::{Request, Response, Status};
+
+use super::{
+    auth::actor,
+    authorizer::{require_api_key, signed_request},
+    convert::{self, MAX_NAME_CHARS},
+    pb::{self, admin_server::Admin},
+    status::invalid,
+};
+use crate::{
+    authz::Decider,
+    policy::{
+        allowlist::EntrySource,
+        decision::{AuthzRequest, KeySelector, Mode},
+        model::{
+            Audit, Enforcement, Environments, KeyId, KeyRecord, KeyStatus, MintedSecret,
+            NewEntry, PreviousSecret, Scope, SignatureScheme, UnixMillis,
+        },
+    },
+    store::{Committed, KeyFilter, Store, ops},
+};
+
+/// The longest rotation grace period accepted.
+pub const MAX_GRACE_SECS: u32 = 30 * 24 * 3600;
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+pub struct AdminService {
+    store: Arc<dyn Store>,
+    decider: Arc<Decider>,
+    environments: Environments,
+    /// How long a mutation waits for this replica's snapshot to include it.
+    visibility_wait: Duration,
+}
+
+impl AdminService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        decider: Arc<Decider>,
+        environments: Environments,
+        visibility_wait: Duration,
+    ) -> AdminService {
+        AdminService {
+            store,
+            decider,
+            environments,
+            visibility_wait,
+        }
+    }
+
+    /// Waits until the local snapshot includes `revision`.
+    async fn visible<T>(&self, committed: Committed<T>) -> Committed<T> {
+        if !self
+            .decider
+            .sync()
+            .wait_for_revision(committed.revision, self.visibility_wait)
+            .await
+        {
+            tracing::warn!(revision = committed.revision, "write committed but not yet applied locally");
+        }
+        committed
+    }
+
+    fn audit<T>(request: &Request<T>) -> Result<Audit, Status> {
+        Ok(Audit {
+            actor: actor(request)?,
+            at: UnixMillis::now(),
+        })
+    }
+}
+
+fn key_id(field: &str, text: &str) -> Result<KeyId, Status> {
+    text.parse().map_err(|e| invalid(field, e))
+}
+
+fn signature_scheme(scheme: i32, public_key: Vec<u8>) -> Result<(SignatureScheme, Option<Vec<u8>>), Status> {
+    let scheme = pb::SignatureScheme::try_from(scheme)
+        .map_err(|_| invalid("signature_scheme", format!("unknown value {scheme}")))?;
+    if scheme != pb::SignatureScheme::Ed25519 && !public_key.is_empty() {
+        return Err(invalid("public_key", "is only used with SIGNATURE_SCHEME_ED25519"));
+    }
+    match scheme {
+        pb::SignatureScheme::None => Ok((SignatureScheme::None, None)),
+        pb::SignatureScheme::HmacSha256 => {
+            let mut secret = vec![0u8; 32];
+            rand::rng().fill_bytes(&mut secret);
+            Ok((SignatureScheme::HmacSha256 { secret: secret.clone() }, Some(secret)))
+        }
+        pb::SignatureScheme::Ed25519 => {
+            let bytes: [u8; 32] = public_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid("public_key", format!("must be 32 bytes, got {}", public_key.len())))?;
+            ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                .map_err(|_| invalid("public_key", "is not a valid Ed25519 public key"))?;
+            Ok((SignatureScheme::Ed25519 { public_key: bytes }, None))
+        }
+    }
+}
+
+fn entries_with_audit(entries: Vec<NewEntry>, audit: &Audit) -> Vec<crate::policy::model::AllowlistEntry> {
+    entries.into_iter().map(|e| e.into_entry(audit.clone())).collect()
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_key(
+        &self,
+        request: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let request = request.into_inner();
+        let partner_id = request.partner_id.parse().map_err(|e| invalid("partner_id", e))?;
+        let environment = self
+            .environments
+            .parse(&request.environment)
+            .map_err(|e| invalid("environment", e))?;
+        let name = convert::text("name", request.name, MAX_NAME_CHARS, true)?;
+        let (signature, hmac_secret) = signature_scheme(request.signature_scheme, request.public_key)?;
+        let expires_at = request
+            .expires_at
+            .map(|t| convert::future_instant("expires_at", &t, audit.at))
+            .transpose()?;
+        let enforcement = convert::enforcement("enforcement", request.enforcement)?.unwrap_or(Enforcement::Enforce);
+        let entries = convert::new_entries("allowlist", request.allowlist, audit.at)?;
+
+        let minted = MintedSecret::generate(&environment);
+        let record = KeyRecord {
+            id: KeyId::generate(),
+            partner_id,
+            environment,
+            name,
+            display_prefix: minted.display_prefix,
+            secret_hash: minted.hash,
+            previous_secret: None,
+            status: KeyStatus::Active,
+            ip_allowlist_enabled: request.ip_allowlist_enabled,
+            enforcement,
+            signature,
+            rate_limit: convert::rate_limit(request.rate_limit),
+            expires_at,
+            created: audit.clone(),
+            updated: audit.clone(),
+        };
+        let entries = entries_with_audit(entries, &audit);
+        let committed = self.visible(self.store.insert_key(record, entries).await?).await;
+        tracing::info!(key_id = %committed.value.id, actor = %audit.actor, revision = committed.revision, "key created");
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(convert::api_key(&committed.value)),
+            secret: minted.full,
+            signing_secret: hmac_secret
+                .map(|s| base64::engine::general_purpose::STANDARD.encode(s))
+                .unwrap_or_default(),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::GetKeyResponse>, Status> {
+        let id = key_id("key_id", &request.get_ref().key_id)?;
+        let record = self.store.get_key(&id).await?;
+        Ok(Response::new(pb::GetKeyResponse {
+            key: Some(convert::api_key(&record)),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let request = request.into_inner();
+        let filter = KeyFilter {
+            partner_id: (!request.partner_id.is_empty())
+                .then(|| request.partner_id.parse().map_err(|e| invalid("partner_id", e)))
+                .transpose()?,
+            environment: (!request.environment.is_empty())
+                .then(|| self.environments.parse(&request.environment).map_err(|e| invalid("environment", e)))
+                .transpose()?,
+        };
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")));
+            }
+            n => n,
+        };
+        let after = (!request.page_token.is_empty())
+            .then(|| key_id("page_token", &request.page_token))
+            .transpose()?;
+        let page = self.store.list_keys(&filter, after.as_ref(), page_size as usize).await?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page.keys.iter().map(convert::api_key).collect(),
+            next_page_token: page.next_after.map(String::from).unwrap_or_default(),
+        }))
+    }
+
+    async fn update_key(
+        &self,
+        request: Request<pb::UpdateKeyRequest>,
+    ) -> Result<Response<pb::UpdateKeyResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let request = request.into_inner();
+        let id = key_id("key_id", &request.key_id)?;
+        let name = request
+            .name
+            .map(|n| convert::text("name", n, MAX_NAME_CHARS, true))
+            .transpose()?;
+        if request.expires_at.is_some() && request.clear_expires_at {
+            return Err(invalid("clear_expires_at", "cannot be combined with expires_at"));
+        }
+        let expires_at = match (request.expires_at, request.clear_expires_at) {
+            (Some(t), _) => Some(Some(convert::future_instant("expires_at", &t, audit.at)?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let enforcement = convert::enforcement("enforcement", request.enforcement)?;
+        let rate_limit = request.rate_limit.map(|r| convert::rate_limit(Some(r)));
+        let enabled = request.enabled;
+        let ip_allowlist_enabled = request.ip_allowlist_enabled;
+        let nothing = name.is_none()
+            && enabled.is_none()
+            && ip_allowlist_enabled.is_none()
+            && expires_at.is_none()
+            && enforcement.is_none()
+            && rate_limit.is_none();
+        if nothing {
+            return Err(Status::invalid_argument("no field to change was given"));
+        }
+        let edit_audit = audit.clone();
+        let committed = self
+            .store
+            .modify_key(
+                &id,
+                Box::new(move |record| {
+                    ops::ensure_not_revoked(record)?;
+                    if let Some(name) = name {
+                        record.name = name;
+                    }
+                    if let Some(enabled) = enabled {
+                        record.status = if enabled { KeyStatus::Active } else { KeyStatus::Disabled };
+                    }
+                    if let Some(on) = ip_allowlist_enabled {
+                        record.ip_allowlist_enabled = on;
+                    }
+                    if let Some(expires_at) = expires_at {
+                        record.expires_at = expires_at;
+                    }
+                    if let Some(enforcement) = enforcement {
+                        record.enforcement = enforcement;
+                    }
+                    if let Some(rate_limit) = rate_limit {
+                        record.rate_limit = rate_limit;
+                    }
+                    ops::touch(record, edit_audit);
+                    Ok(())
+                }),
+            )
+            .await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(key_id = %id, actor = %audit.actor, revision = committed.revision, "key updated");
+        Ok(Response::new(pb::UpdateKeyResponse {
+            key: Some(convert::api_key(&committed.value)),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let id = key_id("key_id", &request.get_ref().key_id)?;
+        let edit_audit = audit.clone();
+        let committed = self
+            .store
+            .modify_key(
+                &id,
+                Box::new(move |record| {
+                    record.status = KeyStatus::Revoked;
+                    record.previous_secret = None;
+                    ops::touch(record, edit_audit);
+                    Ok(())
+                }),
+            )
+            .await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(key_id = %id, actor = %audit.actor, revision = committed.revision, "key revoked");
+        Ok(Response::new(pb::RevokeKeyResponse {
+            key: Some(convert::api_key(&committed.value)),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let request = request.into_inner();
+        let id = key_id("key_id", &request.key_id)?;
+        if request.grace_period_seconds > MAX_GRACE_SECS {
+            return Err(invalid("grace_period_seconds", format!("must be at most {MAX_GRACE_SECS}")));
+        }
+        let current = self.store.get_key(&id).await?;
+        let minted = MintedSecret::generate(&current.environment);
+        let (hash, prefix) = (minted.hash, minted.display_prefix.clone());
+        let grace = i64::from(request.grace_period_seconds);
+        let edit_audit = audit.clone();
+        let committed = self
+            .store
+            .modify_key(
+                &id,
+                Box::new(move |record| {
+                    ops::ensure_not_revoked(record)?;
+                    record.previous_secret = (grace > 0).then(|| PreviousSecret {
+                        hash: record.secret_hash,
+                        valid_until: edit_audit.at.saturating_add_secs(grace),
+                    });
+                    record.secret_hash = hash;
+                    record.display_prefix = prefix;
+                    ops::touch(record, edit_audit);
+                    Ok(())
+                }),
+            )
+            .await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(key_id = %id, actor = %audit.actor, grace_secs = grace, revision = committed.revision, "key rotated");
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(convert::api_key(&committed.value)),
+            secret: minted.full,
+            revision: committed.revision,
+        }))
+    }
+
+    async fn get_allowlist(
+        &self,
+        request: Request<pb::GetAllowlistRequest>,
+    ) -> Result<Response<pb::GetAllowlistResponse>, Status> {
+        let scope = convert::scope(request.into_inner().scope, &self.environments)?;
+        let committed = self.store.get_allowlist(&scope).await?;
+        Ok(Response::new(pb::GetAllowlistResponse {
+            entries: convert::entries(&committed.value),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn add_allowlist_entries(
+        &self,
+        request: Request<pb::AddAllowlistEntriesRequest>,
+    ) -> Result<Response<pb::AddAllowlistEntriesResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let request = request.into_inner();
+        let scope = convert::scope(request.scope, &self.environments)?;
+        if request.entries.is_empty() {
+            return Err(invalid("entries", "is empty"));
+        }
+        let added = entries_with_audit(convert::new_entries("entries", request.entries, audit.at)?, &audit);
+        let count = added.len();
+        let committed = self
+            .store
+            .modify_allowlist(&scope, Box::new(move |list| ops::add_entries(list, added)))
+            .await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries added");
+        Ok(Response::new(pb::AddAllowlistEntriesResponse {
+            entries: convert::entries(&committed.value),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn replace_allowlist(
+        &self,
+        request: Request<pb::ReplaceAllowlistRequest>,
+    ) -> Result<Response<pb::ReplaceAllowlistResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let request = request.into_inner();
+        let scope = convert::scope(request.scope, &self.environments)?;
+        let replacement = entries_with_audit(convert::new_entries("entries", request.entries, audit.at)?, &audit);
+        let count = replacement.len();
+        let committed = self
+            .store
+            .modify_allowlist(&scope, Box::new(move |list| ops::replace_entries(list, replacement)))
+            .await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist replaced");
+        Ok(Response::new(pb::ReplaceAllowlistResponse {
+            entries: convert::entries(&committed.value),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn remove_allowlist_entries(
+        &self,
+        request: Request<pb::RemoveAllowlistEntriesRequest>,
+    ) -> Result<Response<pb::RemoveAllowlistEntriesResponse>, Status> {
+        let audit = Self::audit(&request)?;
+        let request = request.into_inner();
+        let scope = convert::scope(request.scope, &self.environments)?;
+        if request.cidrs.is_empty() {
+            return Err(invalid("cidrs", "is empty"));
+        }
+        let removed = convert::cidrs("cidrs", request.cidrs)?;
+        let count = removed.len();
+        let committed = self
+            .store
+            .modify_allowlist(&scope, Box::new(move |list| ops::remove_entries(list, &removed)))
+            .await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries removed");
+        Ok(Response::new(pb::RemoveAllowlistEntriesResponse {
+            entries: convert::entries(&committed.value),
+            revision: committed.revision,
+        }))
+    }
+
+    async fn check_access(
+        &self,
+        request: Request<pb::CheckAccessRequest>,
+    ) -> Result<Response<pb::CheckAccessResponse>, Status> {
+        let request = request.into_inner();
+        let id;
+        let selector = match &request.key {
+            None => return Err(invalid("key", "is required: a key_id or an api_key")),
+            Some(pb::check_access_request::Key::KeyId(text)) => {
+                id = key_id("key_id", text)?;
+                KeySelector::Id(&id)
+            }
+            Some(pb::check_access_request::Key::ApiKey(secret)) => {
+                require_api_key("api_key", secret)?;
+                KeySelector::Presented(secret)
+            }
+        };
+        if request.client_ip.is_empty() {
+            return Err(invalid("client_ip", "is empty"));
+        }
+        let question = AuthzRequest {
+            key: selector,
+            client_ip: &request.client_ip,
+            signature: signed_request(request.signature.as_ref())?,
+        };
+        let decision = self.decider.decide(&question, 0, Mode::DryRun).await?;
+        let key = decision.key.as_deref();
+        let matched_entry = match (key, decision.matched) {
+            (Some(key), Some(matched)) => {
+                let scope = match matched.source {
+                    EntrySource::Key => Scope::Key(key.id.clone()),
+                    EntrySource::Partner => Scope::Partner(key.partner_scope()),
+                };
+                let list = self.store.get_allowlist(&scope).await?.value;
+                list.iter().find(|e| e.cidr == matched.cidr).map(convert::entry)
+            }
+            _ => None,
+        };
+        Ok(Response::new(pb::CheckAccessResponse {
+            decision: if decision.is_allow() { pb::Decision::Allow } else { pb::Decision::Deny } as i32,
+            reason: convert::deny_reason(decision.reason()) as i32,
+            key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
+            partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
+            environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
+            ip_allowed: decision.ip_allowed,
+            matched_entry,
+            matched_scope: decision.matched.map(|m| convert::entry_source(m.source).to_owned()).unwrap_or_default(),
+            policy_revision: decision.revision,
+            would_deny: decision.would_deny.is_some(),
+        }))
+    }
+}

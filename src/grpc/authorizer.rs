@@ -1,0 +1,119 @@
+//! `keyfence.v1.Authorizer`: the data-plane decision RPC.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert::{self, MAX_API_KEY_BYTES, MAX_NONCE_BYTES},
+    pb::{self, authorizer_server::Authorizer},
+    status::invalid,
+};
+use crate::{
+    authz::{AuthzError, Decider},
+    policy::{
+        decision::{AuthzRequest, Decision, KeySelector, Mode},
+        signature::SignedRequest,
+    },
+};
+
+pub struct AuthorizerService {
+    decider: Arc<Decider>,
+}
+
+impl AuthorizerService {
+    pub fn new(decider: Arc<Decider>) -> AuthorizerService {
+        AuthorizerService { decider }
+    }
+}
+
+impl From<AuthzError> for Status {
+    fn from(error: AuthzError) -> Status {
+        Status::unavailable(error.to_string())
+    }
+}
+
+/// Signature fields as the engine reads them; checks the sizes the edge promises.
+pub fn signed_request(input: Option<&pb::SignatureInput>) -> Result<Option<SignedRequest<'_>>, Status> {
+    let Some(input) = input else {
+        return Ok(None);
+    };
+    if input.nonce.len() > MAX_NONCE_BYTES {
+        return Err(invalid("signature.nonce", format!("is longer than {MAX_NONCE_BYTES} bytes")));
+    }
+    Ok(Some(SignedRequest {
+        signature: &input.signature,
+        timestamp: input.timestamp,
+        nonce: &input.nonce,
+        method: &input.method,
+        path: &input.path,
+        body: &input.body,
+    }))
+}
+
+pub fn require_api_key(field: &str, api_key: &str) -> Result<(), Status> {
+    if api_key.is_empty() {
+        return Err(invalid(field, "is empty"));
+    }
+    if api_key.len() > MAX_API_KEY_BYTES {
+        return Err(invalid(field, format!("is longer than {MAX_API_KEY_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Authorizer for AuthorizerService {
+    #[tracing::instrument(name = "authorize", skip_all, fields(key_id, decision, reason))]
+    async fn authorize(
+        &self,
+        request: Request<pb::AuthorizeRequest>,
+    ) -> Result<Response<pb::AuthorizeResponse>, Status> {
+        let request = request.into_inner();
+        require_api_key("api_key", &request.api_key)?;
+        if request.client_ip.is_empty() {
+            return Err(invalid("client_ip", "is empty"));
+        }
+        let question = AuthzRequest {
+            key: KeySelector::Presented(&request.api_key),
+            client_ip: &request.client_ip,
+            signature: signed_request(request.signature.as_ref())?,
+        };
+        let decision = self
+            .decider
+            .decide(&question, request.min_revision, Mode::Enforce)
+            .await?;
+        record_decision(&decision);
+        Ok(Response::new(authorize_response(&decision)))
+    }
+}
+
+/// Adds the decision to the current span (never the presented key).
+pub fn record_decision(decision: &Decision) {
+    let span = tracing::Span::current();
+    if let Some(key) = &decision.key {
+        span.record("key_id", key.id.as_str());
+    }
+    span.record("decision", if decision.is_allow() { "allow" } else { "deny" });
+    if let Some(reason) = decision.reason() {
+        span.record("reason", reason.as_str());
+    }
+    tracing::debug!("decided");
+}
+
+fn authorize_response(decision: &Decision) -> pb::AuthorizeResponse {
+    let key = decision.key.as_deref();
+    pb::AuthorizeResponse {
+        decision: if decision.is_allow() {
+            pb::Decision::Allow
+        } else {
+            pb::Decision::Deny
+        } as i32,
+        reason: convert::deny_reason(decision.reason()) as i32,
+        key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
+        partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
+        environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
+        matched_cidr: decision.matched.map(|m| m.cidr.to_string()).unwrap_or_default(),
+        policy_revision: decision.revision,
+        would_deny: decision.would_deny.is_some(),
+    }
+}

@@ -1,0 +1,157 @@
+//! The source of truth for keys and allowlists: one trait, one implementation per backend.
+//!
+//! Every mutation is all-or-nothing and bumps a store-wide revision, recording which scope it
+//! touched in a change log. The change log is what replicas follow ([`Store::changes_since`]);
+//! notifications ([`Store::watch`]) are only hints to look at it. A reader that finds a gap in
+//! the log reloads everything.
+//!
+//! Mutations take a closure that edits the current record inside the store's transaction, so the
+//! rules of each edit ([`ops`]) are written once for every backend. Invariant: this module knows
+//! the policy model, never tonic or protobuf.
+
+pub mod embedded;
+pub mod ops;
+
+use async_trait::async_trait;
+
+use crate::policy::{
+    model::{AllowlistEntry, Environment, KeyId, KeyRecord, PartnerId, PartnerScope, Scope},
+    snapshot::KeyMaterial,
+};
+
+/// What can go wrong in a store call. Each variant maps to one gRPC status at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A request that is well-formed but cannot apply to the current state (naming the field).
+    #[error("{field}: {reason}")]
+    Rejected { field: String, reason: String },
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The target is in a state that forbids the edit (a revoked key).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The backend cannot be reached; the caller may retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back: a bug or a damaged file.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn rejected(field: impl Into<String>, reason: impl Into<String>) -> StoreError {
+        StoreError::Rejected {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A value together with the store revision its write created (or its read saw).
+#[derive(Debug, Clone)]
+pub struct Committed<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Change {
+    pub revision: u64,
+    pub scope: Scope,
+}
+
+/// The answer to "what changed after revision N".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangesSince {
+    /// Every change after N, in revision order (empty when up to date).
+    Changes(Vec<Change>),
+    /// The log no longer reaches back to N: reload everything.
+    Gap,
+}
+
+/// Everything, consistent at one revision.
+pub struct FullState {
+    pub revision: u64,
+    pub keys: Vec<KeyMaterial>,
+    pub partner_lists: Vec<(PartnerScope, Vec<AllowlistEntry>)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    pub partner_id: Option<PartnerId>,
+    pub environment: Option<Environment>,
+}
+
+impl KeyFilter {
+    pub fn matches(&self, record: &KeyRecord) -> bool {
+        self.partner_id.as_ref().is_none_or(|p| *p == record.partner_id)
+            && self.environment.as_ref().is_none_or(|e| *e == record.environment)
+    }
+}
+
+/// One page of keys, in id order.
+#[derive(Debug, Clone)]
+pub struct KeyPage {
+    pub keys: Vec<KeyRecord>,
+    /// The last id of this page when more may follow.
+    pub next_after: Option<KeyId>,
+}
+
+/// Edits a key in place; an error aborts the transaction.
+pub type KeyEdit = Box<dyn FnOnce(&mut KeyRecord) -> StoreResult<()> + Send>;
+/// Edits an allowlist in place; an error aborts the transaction.
+pub type AllowlistEdit = Box<dyn FnOnce(&mut Vec<AllowlistEntry>) -> StoreResult<()> + Send>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Every key with its own entries and every partner list, at one revision.
+    async fn load_all(&self) -> StoreResult<FullState>;
+
+    /// The change log after `revision`.
+    async fn changes_since(&self, revision: u64) -> StoreResult<ChangesSince>;
+
+    /// One key with its own entries, for recompiling it.
+    async fn load_key(&self, id: &KeyId) -> StoreResult<Option<KeyMaterial>>;
+
+    /// A partner's entries in one environment.
+    async fn load_partner_entries(&self, scope: &PartnerScope) -> StoreResult<Vec<AllowlistEntry>>;
+
+    /// Hints: the latest revision this store instance knows was written. A change of value means
+    /// "look at the change log"; missing one is harmless.
+    fn watch(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Stores a new key and its own entries in one transaction.
+    async fn insert_key(
+        &self,
+        record: KeyRecord,
+        entries: Vec<AllowlistEntry>,
+    ) -> StoreResult<Committed<KeyRecord>>;
+
+    async fn get_key(&self, id: &KeyId) -> StoreResult<KeyRecord>;
+
+    /// Keys matching `filter` with ids after `after`, at most `limit`.
+    async fn list_keys(
+        &self,
+        filter: &KeyFilter,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> StoreResult<KeyPage>;
+
+    /// Reads, edits and writes a key atomically.
+    async fn modify_key(&self, id: &KeyId, edit: KeyEdit) -> StoreResult<Committed<KeyRecord>>;
+
+    /// A scope's allowlist (a key scope must name an existing key).
+    async fn get_allowlist(&self, scope: &Scope) -> StoreResult<Committed<Vec<AllowlistEntry>>>;
+
+    /// Reads, edits and writes an allowlist atomically.
+    async fn modify_allowlist(
+        &self,
+        scope: &Scope,
+        edit: AllowlistEdit,
+    ) -> StoreResult<Committed<Vec<AllowlistEntry>>>;
+}
