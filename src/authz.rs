@@ -55,7 +55,11 @@ impl Decider {
             return Err(AuthzError::NotLoaded);
         }
         if snapshot.revision() < min_revision {
-            if !self.sync.wait_for_revision(min_revision, self.min_revision_wait).await {
+            if !self
+                .sync
+                .wait_for_revision(min_revision, self.min_revision_wait)
+                .await
+            {
                 return Err(AuthzError::RevisionNotReached {
                     wanted: min_revision,
                     current: policy.load().revision(),
@@ -64,6 +68,8 @@ impl Decider {
             snapshot = policy.load();
         }
         let now = UnixMillis::now();
-        Ok(self.engine.decide(&snapshot, request, now, mode, &self.nonces))
+        Ok(self
+            .engine
+            .decide(&snapshot, request, now, mode, &self.nonces))
     }
 }

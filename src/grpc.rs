@@ -17,5 +17,6 @@ pub mod pb {
     tonic::include_proto!("keyfence.v1");
 
     /// The encoded descriptors of `proto/`, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keyfence_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/keyfence_descriptor.bin"));
 }

@@ -11,7 +11,10 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod cli;
+pub mod config;
 pub mod grpc;
 pub mod policy;
+pub mod server;
 pub mod store;
 pub mod sync;

@@ -89,8 +89,13 @@ pub struct KeyFilter {
 
 impl KeyFilter {
     pub fn matches(&self, record: &KeyRecord) -> bool {
-        self.partner_id.as_ref().is_none_or(|p| *p == record.partner_id)
-            && self.environment.as_ref().is_none_or(|e| *e == record.environment)
+        self.partner_id
+            .as_ref()
+            .is_none_or(|p| *p == record.partner_id)
+            && self
+                .environment
+                .as_ref()
+                .is_none_or(|e| *e == record.environment)
     }
 }
 

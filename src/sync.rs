@@ -16,7 +16,10 @@ use std::{
 use tokio::sync::{Mutex, watch};
 
 use crate::{
-    policy::{model::Scope, snapshot::{PolicySnapshot, SharedPolicy}},
+    policy::{
+        model::Scope,
+        snapshot::{PolicySnapshot, SharedPolicy},
+    },
     store::{ChangesSince, Store, StoreResult},
 };
 
@@ -83,7 +86,10 @@ impl PolicySync {
         }
         let changes = match self.store.changes_since(current.revision()).await? {
             ChangesSince::Gap => {
-                tracing::warn!(revision = current.revision(), "change log gap; reloading everything");
+                tracing::warn!(
+                    revision = current.revision(),
+                    "change log gap; reloading everything"
+                );
                 return self.full_reload_locked().await;
             }
             ChangesSince::Changes(changes) => changes,
@@ -127,7 +133,11 @@ impl PolicySync {
 
     /// Follows the store until `shutdown` resolves: on every notification, and every
     /// `check_interval` in case one was missed.
-    pub async fn run(self: Arc<Self>, check_interval: Duration, shutdown: impl Future<Output = ()>) {
+    pub async fn run(
+        self: Arc<Self>,
+        check_interval: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
         let mut hints = self.store.watch();
         let mut ticker = tokio::time::interval(check_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -23,8 +23,8 @@ use crate::{
         allowlist::EntrySource,
         decision::{AuthzRequest, KeySelector, Mode},
         model::{
-            Audit, Enforcement, Environments, KeyId, KeyRecord, KeyStatus, MintedSecret,
-            NewEntry, PreviousSecret, Scope, SignatureScheme, UnixMillis,
+            Audit, Enforcement, Environments, KeyId, KeyRecord, KeyStatus, MintedSecret, NewEntry,
+            PreviousSecret, Scope, SignatureScheme, UnixMillis,
         },
     },
     store::{Committed, KeyFilter, Store, ops},
@@ -66,7 +66,10 @@ impl AdminService {
             .wait_for_revision(committed.revision, self.visibility_wait)
             .await
         {
-            tracing::warn!(revision = committed.revision, "write committed but not yet applied locally");
+            tracing::warn!(
+                revision = committed.revision,
+                "write committed but not yet applied locally"
+            );
         }
         committed
     }
@@ -83,24 +86,37 @@ fn key_id(field: &str, text: &str) -> Result<KeyId, Status> {
     text.parse().map_err(|e| invalid(field, e))
 }
 
-fn signature_scheme(scheme: i32, public_key: Vec<u8>) -> Result<(SignatureScheme, Option<Vec<u8>>), Status> {
+fn signature_scheme(
+    scheme: i32,
+    public_key: Vec<u8>,
+) -> Result<(SignatureScheme, Option<Vec<u8>>), Status> {
     let scheme = pb::SignatureScheme::try_from(scheme)
         .map_err(|_| invalid("signature_scheme", format!("unknown value {scheme}")))?;
     if scheme != pb::SignatureScheme::Ed25519 && !public_key.is_empty() {
-        return Err(invalid("public_key", "is only used with SIGNATURE_SCHEME_ED25519"));
+        return Err(invalid(
+            "public_key",
+            "is only used with SIGNATURE_SCHEME_ED25519",
+        ));
     }
     match scheme {
         pb::SignatureScheme::None => Ok((SignatureScheme::None, None)),
         pb::SignatureScheme::HmacSha256 => {
             let mut secret = vec![0u8; 32];
             rand::rng().fill_bytes(&mut secret);
-            Ok((SignatureScheme::HmacSha256 { secret: secret.clone() }, Some(secret)))
+            Ok((
+                SignatureScheme::HmacSha256 {
+                    secret: secret.clone(),
+                },
+                Some(secret),
+            ))
         }
         pb::SignatureScheme::Ed25519 => {
-            let bytes: [u8; 32] = public_key
-                .as_slice()
-                .try_into()
-                .map_err(|_| invalid("public_key", format!("must be 32 bytes, got {}", public_key.len())))?;
+            let bytes: [u8; 32] = public_key.as_slice().try_into().map_err(|_| {
+                invalid(
+                    "public_key",
+                    format!("must be 32 bytes, got {}", public_key.len()),
+                )
+            })?;
             ed25519_dalek::VerifyingKey::from_bytes(&bytes)
                 .map_err(|_| invalid("public_key", "is not a valid Ed25519 public key"))?;
             Ok((SignatureScheme::Ed25519 { public_key: bytes }, None))
@@ -108,8 +124,14 @@ fn signature_scheme(scheme: i32, public_key: Vec<u8>) -> Result<(SignatureScheme
     }
 }
 
-fn entries_with_audit(entries: Vec<NewEntry>, audit: &Audit) -> Vec<crate::policy::model::AllowlistEntry> {
-    entries.into_iter().map(|e| e.into_entry(audit.clone())).collect()
+fn entries_with_audit(
+    entries: Vec<NewEntry>,
+    audit: &Audit,
+) -> Vec<crate::policy::model::AllowlistEntry> {
+    entries
+        .into_iter()
+        .map(|e| e.into_entry(audit.clone()))
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -120,18 +142,23 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         let audit = Self::audit(&request)?;
         let request = request.into_inner();
-        let partner_id = request.partner_id.parse().map_err(|e| invalid("partner_id", e))?;
+        let partner_id = request
+            .partner_id
+            .parse()
+            .map_err(|e| invalid("partner_id", e))?;
         let environment = self
             .environments
             .parse(&request.environment)
             .map_err(|e| invalid("environment", e))?;
         let name = convert::text("name", request.name, MAX_NAME_CHARS, true)?;
-        let (signature, hmac_secret) = signature_scheme(request.signature_scheme, request.public_key)?;
+        let (signature, hmac_secret) =
+            signature_scheme(request.signature_scheme, request.public_key)?;
         let expires_at = request
             .expires_at
             .map(|t| convert::future_instant("expires_at", &t, audit.at))
             .transpose()?;
-        let enforcement = convert::enforcement("enforcement", request.enforcement)?.unwrap_or(Enforcement::Enforce);
+        let enforcement = convert::enforcement("enforcement", request.enforcement)?
+            .unwrap_or(Enforcement::Enforce);
         let entries = convert::new_entries("allowlist", request.allowlist, audit.at)?;
 
         let minted = MintedSecret::generate(&environment);
@@ -153,7 +180,9 @@ impl Admin for AdminService {
             updated: audit.clone(),
         };
         let entries = entries_with_audit(entries, &audit);
-        let committed = self.visible(self.store.insert_key(record, entries).await?).await;
+        let committed = self
+            .visible(self.store.insert_key(record, entries).await?)
+            .await;
         tracing::info!(key_id = %committed.value.id, actor = %audit.actor, revision = committed.revision, "key created");
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(convert::api_key(&committed.value)),
@@ -165,7 +194,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn get_key(&self, request: Request<pb::GetKeyRequest>) -> Result<Response<pb::GetKeyResponse>, Status> {
+    async fn get_key(
+        &self,
+        request: Request<pb::GetKeyRequest>,
+    ) -> Result<Response<pb::GetKeyResponse>, Status> {
         let id = key_id("key_id", &request.get_ref().key_id)?;
         let record = self.store.get_key(&id).await?;
         Ok(Response::new(pb::GetKeyResponse {
@@ -180,23 +212,38 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let filter = KeyFilter {
             partner_id: (!request.partner_id.is_empty())
-                .then(|| request.partner_id.parse().map_err(|e| invalid("partner_id", e)))
+                .then(|| {
+                    request
+                        .partner_id
+                        .parse()
+                        .map_err(|e| invalid("partner_id", e))
+                })
                 .transpose()?,
             environment: (!request.environment.is_empty())
-                .then(|| self.environments.parse(&request.environment).map_err(|e| invalid("environment", e)))
+                .then(|| {
+                    self.environments
+                        .parse(&request.environment)
+                        .map_err(|e| invalid("environment", e))
+                })
                 .transpose()?,
         };
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n > MAX_PAGE_SIZE => {
-                return Err(invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")));
+                return Err(invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                ));
             }
             n => n,
         };
         let after = (!request.page_token.is_empty())
             .then(|| key_id("page_token", &request.page_token))
             .transpose()?;
-        let page = self.store.list_keys(&filter, after.as_ref(), page_size as usize).await?;
+        let page = self
+            .store
+            .list_keys(&filter, after.as_ref(), page_size as usize)
+            .await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: page.keys.iter().map(convert::api_key).collect(),
             next_page_token: page.next_after.map(String::from).unwrap_or_default(),
@@ -215,7 +262,10 @@ impl Admin for AdminService {
             .map(|n| convert::text("name", n, MAX_NAME_CHARS, true))
             .transpose()?;
         if request.expires_at.is_some() && request.clear_expires_at {
-            return Err(invalid("clear_expires_at", "cannot be combined with expires_at"));
+            return Err(invalid(
+                "clear_expires_at",
+                "cannot be combined with expires_at",
+            ));
         }
         let expires_at = match (request.expires_at, request.clear_expires_at) {
             (Some(t), _) => Some(Some(convert::future_instant("expires_at", &t, audit.at)?)),
@@ -246,7 +296,11 @@ impl Admin for AdminService {
                         record.name = name;
                     }
                     if let Some(enabled) = enabled {
-                        record.status = if enabled { KeyStatus::Active } else { KeyStatus::Disabled };
+                        record.status = if enabled {
+                            KeyStatus::Active
+                        } else {
+                            KeyStatus::Disabled
+                        };
                     }
                     if let Some(on) = ip_allowlist_enabled {
                         record.ip_allowlist_enabled = on;
@@ -308,7 +362,10 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let id = key_id("key_id", &request.key_id)?;
         if request.grace_period_seconds > MAX_GRACE_SECS {
-            return Err(invalid("grace_period_seconds", format!("must be at most {MAX_GRACE_SECS}")));
+            return Err(invalid(
+                "grace_period_seconds",
+                format!("must be at most {MAX_GRACE_SECS}"),
+            ));
         }
         let current = self.store.get_key(&id).await?;
         let minted = MintedSecret::generate(&current.environment);
@@ -363,7 +420,10 @@ impl Admin for AdminService {
         if request.entries.is_empty() {
             return Err(invalid("entries", "is empty"));
         }
-        let added = entries_with_audit(convert::new_entries("entries", request.entries, audit.at)?, &audit);
+        let added = entries_with_audit(
+            convert::new_entries("entries", request.entries, audit.at)?,
+            &audit,
+        );
         let count = added.len();
         let committed = self
             .store
@@ -384,11 +444,17 @@ impl Admin for AdminService {
         let audit = Self::audit(&request)?;
         let request = request.into_inner();
         let scope = convert::scope(request.scope, &self.environments)?;
-        let replacement = entries_with_audit(convert::new_entries("entries", request.entries, audit.at)?, &audit);
+        let replacement = entries_with_audit(
+            convert::new_entries("entries", request.entries, audit.at)?,
+            &audit,
+        );
         let count = replacement.len();
         let committed = self
             .store
-            .modify_allowlist(&scope, Box::new(move |list| ops::replace_entries(list, replacement)))
+            .modify_allowlist(
+                &scope,
+                Box::new(move |list| ops::replace_entries(list, replacement)),
+            )
             .await?;
         let committed = self.visible(committed).await;
         tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist replaced");
@@ -412,7 +478,10 @@ impl Admin for AdminService {
         let count = removed.len();
         let committed = self
             .store
-            .modify_allowlist(&scope, Box::new(move |list| ops::remove_entries(list, &removed)))
+            .modify_allowlist(
+                &scope,
+                Box::new(move |list| ops::remove_entries(list, &removed)),
+            )
             .await?;
         let committed = self.visible(committed).await;
         tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries removed");
@@ -456,19 +525,28 @@ impl Admin for AdminService {
                     EntrySource::Partner => Scope::Partner(key.partner_scope()),
                 };
                 let list = self.store.get_allowlist(&scope).await?.value;
-                list.iter().find(|e| e.cidr == matched.cidr).map(convert::entry)
+                list.iter()
+                    .find(|e| e.cidr == matched.cidr)
+                    .map(convert::entry)
             }
             _ => None,
         };
         Ok(Response::new(pb::CheckAccessResponse {
-            decision: if decision.is_allow() { pb::Decision::Allow } else { pb::Decision::Deny } as i32,
+            decision: if decision.is_allow() {
+                pb::Decision::Allow
+            } else {
+                pb::Decision::Deny
+            } as i32,
             reason: convert::deny_reason(decision.reason()) as i32,
             key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
             partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
             environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
             ip_allowed: decision.ip_allowed,
             matched_entry,
-            matched_scope: decision.matched.map(|m| convert::entry_source(m.source).to_owned()).unwrap_or_default(),
+            matched_scope: decision
+                .matched
+                .map(|m| convert::entry_source(m.source).to_owned())
+                .unwrap_or_default(),
             policy_revision: decision.revision,
             would_deny: decision.would_deny.is_some(),
         }))

@@ -47,11 +47,13 @@ pub fn actor<T>(request: &Request<T>) -> Result<String, Status> {
     let Some(value) = request.metadata().get(ACTOR_HEADER) else {
         return Ok(DEFAULT_ACTOR.to_owned());
     };
-    let text = value
-        .to_str()
-        .map_err(|_| Status::invalid_argument(format!("{ACTOR_HEADER}: must be printable ASCII")))?;
+    let text = value.to_str().map_err(|_| {
+        Status::invalid_argument(format!("{ACTOR_HEADER}: must be printable ASCII"))
+    })?;
     if text.is_empty() || text.len() > 128 {
-        return Err(Status::invalid_argument(format!("{ACTOR_HEADER}: must be 1 to 128 characters")));
+        return Err(Status::invalid_argument(format!(
+            "{ACTOR_HEADER}: must be 1 to 128 characters"
+        )));
     }
     Ok(text.to_owned())
 }
@@ -63,7 +65,9 @@ mod tests {
     fn with_auth(value: Option<&str>) -> Request<()> {
         let mut request = Request::new(());
         if let Some(value) = value {
-            request.metadata_mut().insert("authorization", value.parse().unwrap());
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
         }
         request
     }
@@ -72,7 +76,13 @@ mod tests {
     fn token_is_required_when_configured() {
         let mut auth = AdminAuth::new(Some("s3cret".into()));
         assert!(auth.call(with_auth(Some("Bearer s3cret"))).is_ok());
-        for bad in [None, Some("Bearer wrong"), Some("s3cret"), Some("Bearer s3cret2"), Some("Basic s3cret")] {
+        for bad in [
+            None,
+            Some("Bearer wrong"),
+            Some("s3cret"),
+            Some("Bearer s3cret2"),
+            Some("Basic s3cret"),
+        ] {
             let status = auth.call(with_auth(bad)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
@@ -84,7 +94,9 @@ mod tests {
     fn actor_defaults_and_validates() {
         assert_eq!(actor(&Request::new(())).unwrap(), DEFAULT_ACTOR);
         let mut request = Request::new(());
-        request.metadata_mut().insert(ACTOR_HEADER, "alice@ops".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert(ACTOR_HEADER, "alice@ops".parse().unwrap());
         assert_eq!(actor(&request).unwrap(), "alice@ops");
     }
 }

@@ -34,12 +34,17 @@ impl From<AuthzError> for Status {
 }
 
 /// Signature fields as the engine reads them; checks the sizes the edge promises.
-pub fn signed_request(input: Option<&pb::SignatureInput>) -> Result<Option<SignedRequest<'_>>, Status> {
+pub fn signed_request(
+    input: Option<&pb::SignatureInput>,
+) -> Result<Option<SignedRequest<'_>>, Status> {
     let Some(input) = input else {
         return Ok(None);
     };
     if input.nonce.len() > MAX_NONCE_BYTES {
-        return Err(invalid("signature.nonce", format!("is longer than {MAX_NONCE_BYTES} bytes")));
+        return Err(invalid(
+            "signature.nonce",
+            format!("is longer than {MAX_NONCE_BYTES} bytes"),
+        ));
     }
     Ok(Some(SignedRequest {
         signature: &input.signature,
@@ -56,7 +61,10 @@ pub fn require_api_key(field: &str, api_key: &str) -> Result<(), Status> {
         return Err(invalid(field, "is empty"));
     }
     if api_key.len() > MAX_API_KEY_BYTES {
-        return Err(invalid(field, format!("is longer than {MAX_API_KEY_BYTES} bytes")));
+        return Err(invalid(
+            field,
+            format!("is longer than {MAX_API_KEY_BYTES} bytes"),
+        ));
     }
     Ok(())
 }
@@ -93,7 +101,10 @@ pub fn record_decision(decision: &Decision) {
     if let Some(key) = &decision.key {
         span.record("key_id", key.id.as_str());
     }
-    span.record("decision", if decision.is_allow() { "allow" } else { "deny" });
+    span.record(
+        "decision",
+        if decision.is_allow() { "allow" } else { "deny" },
+    );
     if let Some(reason) = decision.reason() {
         span.record("reason", reason.as_str());
     }
@@ -112,7 +123,10 @@ fn authorize_response(decision: &Decision) -> pb::AuthorizeResponse {
         key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
         partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
         environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
-        matched_cidr: decision.matched.map(|m| m.cidr.to_string()).unwrap_or_default(),
+        matched_cidr: decision
+            .matched
+            .map(|m| m.cidr.to_string())
+            .unwrap_or_default(),
         policy_revision: decision.revision,
         would_deny: decision.would_deny.is_some(),
     }

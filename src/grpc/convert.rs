@@ -32,7 +32,11 @@ pub fn optional_timestamp(at: Option<UnixMillis>) -> Option<Timestamp> {
 }
 
 /// A timestamp that must lie in the future (an expiry).
-pub fn future_instant(field: &str, value: &Timestamp, now: UnixMillis) -> Result<UnixMillis, Status> {
+pub fn future_instant(
+    field: &str,
+    value: &Timestamp,
+    now: UnixMillis,
+) -> Result<UnixMillis, Status> {
     if !(0..1_000_000_000).contains(&value.nanos) {
         return Err(invalid(field, "nanos must be within 0..1e9"));
     }
@@ -49,12 +53,20 @@ pub fn future_instant(field: &str, value: &Timestamp, now: UnixMillis) -> Result
     Ok(at)
 }
 
-pub fn text(field: &str, value: String, max_chars: usize, required: bool) -> Result<String, Status> {
+pub fn text(
+    field: &str,
+    value: String,
+    max_chars: usize,
+    required: bool,
+) -> Result<String, Status> {
     if required && value.trim().is_empty() {
         return Err(invalid(field, "is empty"));
     }
     if value.chars().count() > max_chars {
-        return Err(invalid(field, format!("is longer than {max_chars} characters")));
+        return Err(invalid(
+            field,
+            format!("is longer than {max_chars} characters"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(invalid(field, "contains control characters"));
@@ -99,7 +111,10 @@ pub fn cidrs(field: &str, inputs: Vec<String>) -> Result<Vec<Cidr>, Status> {
     inputs
         .iter()
         .enumerate()
-        .map(|(index, text)| text.parse().map_err(|e| invalid(format!("{field}[{index}]"), e)))
+        .map(|(index, text)| {
+            text.parse()
+                .map_err(|e| invalid(format!("{field}[{index}]"), e))
+        })
         .collect()
 }
 
@@ -119,7 +134,10 @@ pub fn partner_scope(
     })
 }
 
-pub fn scope(scope: Option<pb::AllowlistScope>, environments: &Environments) -> Result<Scope, Status> {
+pub fn scope(
+    scope: Option<pb::AllowlistScope>,
+    environments: &Environments,
+) -> Result<Scope, Status> {
     match scope.and_then(|s| s.scope) {
         None => Err(invalid("scope", "is required: a key_id or a partner")),
         Some(pb::allowlist_scope::Scope::KeyId(id)) => Ok(Scope::Key(
@@ -155,7 +173,9 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
     let (scheme, public_key) = match &record.signature {
         SignatureScheme::None => (pb::SignatureScheme::None, Vec::new()),
         SignatureScheme::HmacSha256 { .. } => (pb::SignatureScheme::HmacSha256, Vec::new()),
-        SignatureScheme::Ed25519 { public_key } => (pb::SignatureScheme::Ed25519, public_key.to_vec()),
+        SignatureScheme::Ed25519 { public_key } => {
+            (pb::SignatureScheme::Ed25519, public_key.to_vec())
+        }
     };
     pb::ApiKey {
         id: record.id.to_string(),
@@ -180,7 +200,10 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
         created_by: record.created.actor.clone(),
         updated_at: Some(timestamp(record.updated.at)),
         updated_by: record.updated.actor.clone(),
-        previous_secret_expires_at: record.previous_secret.as_ref().map(|p| timestamp(p.valid_until)),
+        previous_secret_expires_at: record
+            .previous_secret
+            .as_ref()
+            .map(|p| timestamp(p.valid_until)),
         rate_limit: record.rate_limit.map(|r| pb::RateLimit {
             requests_per_second: r.requests_per_second,
             burst: r.burst,
@@ -230,30 +253,54 @@ mod tests {
     #[test]
     fn entries_name_the_bad_one() {
         let inputs = vec![
-            pb::AllowlistEntryInput { cidr: "10.0.0.0/8".into(), ..Default::default() },
-            pb::AllowlistEntryInput { cidr: "010.0.0.1".into(), ..Default::default() },
+            pb::AllowlistEntryInput {
+                cidr: "10.0.0.0/8".into(),
+                ..Default::default()
+            },
+            pb::AllowlistEntryInput {
+                cidr: "010.0.0.1".into(),
+                ..Default::default()
+            },
         ];
         let status = new_entries("entries", inputs, UnixMillis(0)).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().starts_with("entries[1].cidr: "), "{}", status.message());
+        assert!(
+            status.message().starts_with("entries[1].cidr: "),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]
     fn expiries_must_be_in_the_future() {
         let now = UnixMillis(10_000);
-        let past = Timestamp { seconds: 5, nanos: 0 };
+        let past = Timestamp {
+            seconds: 5,
+            nanos: 0,
+        };
         assert!(future_instant("expires_at", &past, now).is_err());
-        let future = Timestamp { seconds: 11, nanos: 500_000_000 };
-        assert_eq!(future_instant("expires_at", &future, now).unwrap(), UnixMillis(11_500));
-        let bad = Timestamp { seconds: 11, nanos: -1 };
+        let future = Timestamp {
+            seconds: 11,
+            nanos: 500_000_000,
+        };
+        assert_eq!(
+            future_instant("expires_at", &future, now).unwrap(),
+            UnixMillis(11_500)
+        );
+        let bad = Timestamp {
+            seconds: 11,
+            nanos: -1,
+        };
         assert!(future_instant("expires_at", &bad, now).is_err());
         assert_eq!(timestamp(UnixMillis(11_500)), future);
     }
 
     #[test]
     fn every_deny_reason_maps_to_a_distinct_proto_value() {
-        let mapped: std::collections::HashSet<i32> =
-            DenyReason::ALL.iter().map(|r| deny_reason(Some(*r)) as i32).collect();
+        let mapped: std::collections::HashSet<i32> = DenyReason::ALL
+            .iter()
+            .map(|r| deny_reason(Some(*r)) as i32)
+            .collect();
         assert_eq!(mapped.len(), DenyReason::ALL.len());
         assert!(!mapped.contains(&(pb::DenyReason::Unspecified as i32)));
     }
@@ -274,7 +321,14 @@ mod tests {
         };
         assert!(scope_for("production").is_ok());
         let status = scope_for("staging").unwrap_err();
-        assert!(status.message().starts_with("scope.partner.environment: "), "{}", status.message());
-        assert_eq!(scope(None, &envs).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().starts_with("scope.partner.environment: "),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            scope(None, &envs).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }

@@ -20,7 +20,9 @@ impl From<StoreError> for Status {
         match error {
             StoreError::NotFound(what) => Status::not_found(format!("{what} not found")),
             StoreError::Rejected { field, reason } => invalid(field, reason),
-            StoreError::AlreadyExists(what) => Status::already_exists(format!("{what} already exists")),
+            StoreError::AlreadyExists(what) => {
+                Status::already_exists(format!("{what} already exists"))
+            }
             StoreError::FailedPrecondition(message) => Status::failed_precondition(message),
             StoreError::Unavailable(message) => {
                 tracing::warn!(%message, "store unavailable");
@@ -44,8 +46,14 @@ mod tests {
         let cases = [
             (StoreError::NotFound("key key_x".into()), Code::NotFound),
             (StoreError::rejected("cidrs[0]", "x"), Code::InvalidArgument),
-            (StoreError::AlreadyExists("key k".into()), Code::AlreadyExists),
-            (StoreError::FailedPrecondition("revoked".into()), Code::FailedPrecondition),
+            (
+                StoreError::AlreadyExists("key k".into()),
+                Code::AlreadyExists,
+            ),
+            (
+                StoreError::FailedPrecondition("revoked".into()),
+                Code::FailedPrecondition,
+            ),
             (StoreError::Unavailable("down".into()), Code::Unavailable),
             (StoreError::Corrupt("secret detail".into()), Code::Internal),
         ];
@@ -54,6 +62,9 @@ mod tests {
             assert_eq!(status.code(), code);
             assert!(!status.message().contains("secret detail"));
         }
-        assert_eq!(invalid("entries[2].cidr", "bad").message(), "entries[2].cidr: bad");
+        assert_eq!(
+            invalid("entries[2].cidr", "bad").message(),
+            "entries[2].cidr: bad"
+        );
     }
 }

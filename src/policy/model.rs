@@ -147,7 +147,10 @@ impl Environments {
         if self.0.contains(&environment) {
             Ok(environment)
         } else {
-            Err(format!("{text:?} is not a configured environment ({})", self.names().join(", ")))
+            Err(format!(
+                "{text:?} is not a configured environment ({})",
+                self.names().join(", ")
+            ))
         }
     }
 

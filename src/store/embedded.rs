@@ -45,7 +45,10 @@ impl EmbeddedStore {
     /// Opens (or creates) the store in `data_dir`. Only one process may hold it open.
     pub fn open(data_dir: &Path) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError::Unavailable(format!("cannot create data dir {}: {e}", data_dir.display()))
+            StoreError::Unavailable(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
         })?;
         let path = data_dir.join(DB_FILE);
         let db = Database::create(&path)
@@ -92,18 +95,21 @@ impl EmbeddedStore {
             let (value, scope) = f(&txn)?;
             let revision = {
                 let mut meta = txn.open_table(META).map_err(unavailable)?;
-                let revision = meta.get(REVISION).map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
+                let revision = meta
+                    .get(REVISION)
+                    .map_err(unavailable)?
+                    .map_or(0, |v| v.value())
+                    + 1;
                 meta.insert(REVISION, revision).map_err(unavailable)?;
                 let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
-                let change = Change {
-                    revision,
-                    scope,
-                };
+                let change = Change { revision, scope };
                 changes
                     .insert(revision, encode(&change)?.as_slice())
                     .map_err(unavailable)?;
                 if revision > CHANGE_LOG_LEN {
-                    changes.remove(revision - CHANGE_LOG_LEN).map_err(unavailable)?;
+                    changes
+                        .remove(revision - CHANGE_LOG_LEN)
+                        .map_err(unavailable)?;
                 }
                 revision
             };
@@ -131,7 +137,10 @@ impl Store for EmbeddedStore {
                 keys.push(KeyMaterial { record, entries });
             }
             let mut partner_lists = Vec::new();
-            for row in lists.range(PARTNER_PREFIX..PARTNER_END).map_err(unavailable)? {
+            for row in lists
+                .range(PARTNER_PREFIX..PARTNER_END)
+                .map_err(unavailable)?
+            {
                 let (scope_key, value) = row.map_err(unavailable)?;
                 let scope = parse_partner_scope_key(scope_key.value())?;
                 partner_lists.push((scope, decode(value.value())?));
@@ -156,7 +165,10 @@ impl Store for EmbeddedStore {
                 return Ok(ChangesSince::Gap);
             }
             let changes = txn.open_table(CHANGES).map_err(unavailable)?;
-            let oldest = changes.first().map_err(unavailable)?.map(|(k, _)| k.value());
+            let oldest = changes
+                .first()
+                .map_err(unavailable)?
+                .map(|(k, _)| k.value());
             if oldest.is_none_or(|oldest| oldest > after + 1) {
                 return Ok(ChangesSince::Gap);
             }
@@ -344,10 +356,16 @@ fn parse_partner_scope_key(text: &str) -> StoreResult<PartnerScope> {
 
 fn read_revision(txn: &ReadTransaction) -> StoreResult<u64> {
     let meta = txn.open_table(META).map_err(unavailable)?;
-    Ok(meta.get(REVISION).map_err(unavailable)?.map_or(0, |v| v.value()))
+    Ok(meta
+        .get(REVISION)
+        .map_err(unavailable)?
+        .map_or(0, |v| v.value()))
 }
 
-fn read_key(keys: &impl ReadableTable<&'static str, &'static [u8]>, id: &KeyId) -> StoreResult<KeyRecord> {
+fn read_key(
+    keys: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &KeyId,
+) -> StoreResult<KeyRecord> {
     match keys.get(id.as_str()).map_err(unavailable)? {
         Some(value) => decode(value.value()),
         None => Err(StoreError::NotFound(format!("key {id}"))),
@@ -373,7 +391,8 @@ fn write_list(
     if entries.is_empty() {
         lists.remove(key.as_str()).map_err(unavailable)?;
     } else {
-        lists.insert(key.as_str(), encode(&entries)?.as_slice())
+        lists
+            .insert(key.as_str(), encode(&entries)?.as_slice())
             .map_err(unavailable)?;
     }
     Ok(())

@@ -107,7 +107,11 @@ mod tests {
     #[test]
     fn add_upserts_and_rejects_duplicates_without_change() {
         let mut list = vec![entry("10.0.0.0/8", "old")];
-        add_entries(&mut list, vec![entry("10.0.0.0/8", "new"), entry("192.0.2.1", "x")]).unwrap();
+        add_entries(
+            &mut list,
+            vec![entry("10.0.0.0/8", "new"), entry("192.0.2.1", "x")],
+        )
+        .unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].description, "new");
         let before = list.clone();
@@ -129,7 +133,10 @@ mod tests {
         let before = list.clone();
         let err = remove_entries(
             &mut list,
-            &["10.0.0.0/8".parse().unwrap(), "203.0.113.0/24".parse().unwrap()],
+            &[
+                "10.0.0.0/8".parse().unwrap(),
+                "203.0.113.0/24".parse().unwrap(),
+            ],
         )
         .unwrap_err();
         assert_eq!(

@@ -1,0 +1,160 @@
+//! Wires the store, the sync task, the decision service and the gRPC listeners together, and runs
+//! them until shutdown. `main` binds the listeners and calls [`run`]; the integration tests start
+//! the same binary on port 0.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::{
+    authz::Decider,
+    config::Config,
+    grpc::{
+        admin::AdminService,
+        auth::AdminAuth,
+        authorizer::AuthorizerService,
+        pb::{admin_server::AdminServer, authorizer_server::AuthorizerServer},
+    },
+    policy::{decision::Engine, snapshot::SharedPolicy},
+    store::{Store, StoreError, embedded::EmbeddedStore},
+    sync::PolicySync,
+};
+
+/// Admin requests may carry whole allowlists (100,000 entries is a few MiB).
+const ADMIN_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// How often the sync task checks the change log when no notification came.
+const SYNC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an admin write waits for the local snapshot to include it.
+const WRITE_VISIBILITY_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The two bound listeners.
+pub struct Listeners {
+    pub data: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        Ok(Listeners {
+            data: bind(config.listen).await?,
+            admin: bind(config.admin_listen).await?,
+        })
+    }
+}
+
+/// Opens the store, loads the policy and serves until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+    let policy = Arc::new(SharedPolicy::default());
+    let sync = PolicySync::new(store.clone(), policy);
+    sync.full_reload().await?;
+
+    let engine = Engine {
+        signature_window_secs: config.signature_window.as_secs() as i64,
+    };
+    let decider = Arc::new(Decider::new(engine, sync.clone(), config.min_revision_wait));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let sync_task = tokio::spawn(sync.clone().run(SYNC_CHECK_INTERVAL, stopped()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+    };
+
+    let data_addr = listeners
+        .data
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let data_plane = Server::builder()
+        .add_service(health_service.clone())
+        .add_service(reflection()?)
+        .add_service(AuthorizerServer::new(AuthorizerService::new(
+            decider.clone(),
+        )))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.data), stopped());
+
+    let admin = AdminService::new(
+        store,
+        decider,
+        config.environments.clone(),
+        WRITE_VISIBILITY_WAIT,
+    );
+    let admin_plane = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection()?)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(admin)
+                .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
+            AdminAuth::new(config.admin_token.clone()),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.admin), stopped());
+
+    tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
+    // A line for scripts and tests that start the binary on port 0.
+    println!("keyfence ready: data={data_addr} admin={admin_addr}");
+
+    let result = tokio::try_join!(data_plane, admin_plane);
+    health
+        .set_not_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    let _ = sync_task.await;
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! The shared harness: starts the real `keyfence` binary on free loopback ports with its own data
+//! directory, and hands out gRPC clients. The server is killed when the handle drops.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use keyfence::grpc::pb::{self, admin_client::AdminClient, authorizer_client::AuthorizerClient};
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keyfence");
+
+pub struct Server {
+    child: Child,
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Keeps the temporary directory alive when the server made it.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A server with a fresh data directory.
+    pub fn start(extra_args: &[&str]) -> Server {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Server::start_in(temp.path(), extra_args);
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server on an existing data directory (to restart on the same data).
+    pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("server.log"))
+            .expect("log file");
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir.join("data"))
+            .args(extra_args)
+            .env_remove("KEYFENCE_ADMIN_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start keyfence");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("keyfence ready: ") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+                panic!("keyfence did not become ready within 30 s; its log:\n{log}");
+            }
+        };
+        let addr = |name: &str| -> SocketAddr {
+            ready
+                .split_whitespace()
+                .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} address in {ready:?}"))
+        };
+        Server {
+            data_addr: addr("data"),
+            admin_addr: addr("admin"),
+            child,
+            data_dir: data_dir.to_owned(),
+            _temp: None,
+        }
+    }
+
+    pub async fn channel(addr: SocketAddr) -> Channel {
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(Self::channel(self.admin_addr).await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    pub async fn authorizer(&self) -> AuthorizerClient<Channel> {
+        AuthorizerClient::new(Self::channel(self.data_addr).await)
+    }
+
+    /// Stops the server (SIGKILL: nothing may depend on a clean shutdown) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn entry(cidr: &str) -> pb::AllowlistEntryInput {
+    pb::AllowlistEntryInput {
+        cidr: cidr.into(),
+        description: format!("test entry {cidr}"),
+        expires_at: None,
+    }
+}
+
+pub fn key_scope(id: &str) -> Option<pb::AllowlistScope> {
+    Some(pb::AllowlistScope {
+        scope: Some(pb::allowlist_scope::Scope::KeyId(id.into())),
+    })
+}
+
+pub fn partner_scope(partner: &str, environment: &str) -> Option<pb::AllowlistScope> {
+    Some(pb::AllowlistScope {
+        scope: Some(pb::allowlist_scope::Scope::Partner(pb::PartnerScope {
+            partner_id: partner.into(),
+            environment: environment.into(),
+        })),
+    })
+}
+
+/// A key with an IP allowlist of `cidrs`; returns (id, secret, signing secret).
+pub async fn create_key(
+    admin: &mut AdminClient<Channel>,
+    partner: &str,
+    environment: &str,
+    cidrs: &[&str],
+) -> pb::CreateKeyResponse {
+    admin
+        .create_key(pb::CreateKeyRequest {
+            partner_id: partner.into(),
+            environment: environment.into(),
+            name: format!("{partner} test key"),
+            ip_allowlist_enabled: true,
+            allowlist: cidrs.iter().map(|c| entry(c)).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("create key")
+        .into_inner()
+}
+
+pub fn authorize_request(api_key: &str, ip: &str) -> pb::AuthorizeRequest {
+    pb::AuthorizeRequest {
+        api_key: api_key.into(),
+        client_ip: ip.into(),
+        signature: None,
+        min_revision: 0,
+    }
+}
+
+/// Authorize and return (decision, reason).
+pub async fn decide(
+    authorizer: &mut AuthorizerClient<Channel>,
+    request: pb::AuthorizeRequest,
+) -> (pb::Decision, pb::DenyReason) {
+    let response = authorizer
+        .authorize(request)
+        .await
+        .expect("authorize")
+        .into_inner();
+    (response.decision(), response.reason())
+}
+
+pub const ALLOW: (pb::Decision, pb::DenyReason) =
+    (pb::Decision::Allow, pb::DenyReason::Unspecified);
+
+pub fn denied(reason: pb::DenyReason) -> (pb::Decision, pb::DenyReason) {
+    (pb::Decision::Deny, reason)
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
