@@ -4,7 +4,7 @@
 //! entry covering this address". Duplicates of one network (say on the key and on its partner)
 //! collapse into the slot that stays active longest. Entries with an expiry stop matching at that
 //! instant without a write: the longest match is tried first, and only when it has expired are the
-//! shorter covering prefixes walked.
+//! shorter covering prefixes walked for the longest one still active.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -156,7 +156,8 @@ impl CompiledAllowlist {
                 }
                 self.v4
                     .matches(addr)
-                    .find(|(_, _, slot)| slot.active_at(now))
+                    .filter(|(_, _, slot)| slot.active_at(now))
+                    .max_by_key(|(_, len, _)| *len)
                     .map(|(net, len, slot)| found(IpAddr::V4(net), len, *slot))
             }
             IpAddr::V6(addr) => {
@@ -166,7 +167,8 @@ impl CompiledAllowlist {
                 }
                 self.v6
                     .matches(addr)
-                    .find(|(_, _, slot)| slot.active_at(now))
+                    .filter(|(_, _, slot)| slot.active_at(now))
+                    .max_by_key(|(_, len, _)| *len)
                     .map(|(net, len, slot)| found(IpAddr::V6(net), len, *slot))
             }
         }
