@@ -1,6 +1,6 @@
 //! `keyfence allowlist …`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{CliError, ClientOptions, ExpiryArgs, output};
 use crate::grpc::pb;
@@ -97,7 +97,7 @@ fn inputs(
 }
 
 /// Reads `cidr,description` rows; returns the entries and each one's line number.
-fn read_csv(path: &PathBuf) -> Result<(Vec<pb::AllowlistEntryInput>, Vec<u64>), CliError> {
+fn read_csv(path: &Path) -> Result<(Vec<pb::AllowlistEntryInput>, Vec<u64>), CliError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -131,7 +131,7 @@ fn read_csv(path: &PathBuf) -> Result<(Vec<pb::AllowlistEntryInput>, Vec<u64>), 
 }
 
 /// Points a server error about `entries[i]` at the file line it came from.
-fn locate(error: tonic::Status, path: &PathBuf, lines: &[u64]) -> CliError {
+fn locate(error: tonic::Status, path: &Path, lines: &[u64]) -> CliError {
     let message = error.message();
     let index = message
         .strip_prefix("entries[")

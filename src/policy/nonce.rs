@@ -48,10 +48,12 @@ impl NonceLedger {
         let mut shard = shard
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(&until) = shard.seen.get(&fingerprint) {
-            if now < until {
-                return false;
-            }
+        if shard
+            .seen
+            .get(&fingerprint)
+            .is_some_and(|&until| now < until)
+        {
+            return false;
         }
         if consume {
             shard.seen.insert(fingerprint, forget_after);
