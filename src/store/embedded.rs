@@ -39,12 +39,22 @@ const DB_FILE: &str = "keyfence.redb";
 pub struct EmbeddedStore {
     db: Arc<Database>,
     revisions: watch::Sender<u64>,
+    change_log_len: u64,
 }
 
 impl EmbeddedStore {
     /// Opens (or creates) the store in `data_dir`. Only one process may hold it open.
     pub fn open(data_dir: &Path) -> StoreResult<EmbeddedStore> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
+        EmbeddedStore::open_with_change_log(data_dir, CHANGE_LOG_LEN)
+    }
+
+    /// Like [`EmbeddedStore::open`], keeping `change_log_len` revisions of change log.
+    pub fn open_with_change_log(
+        data_dir: &Path,
+        change_log_len: u64,
+    ) -> StoreResult<EmbeddedStore> {
+        let change_log_len = change_log_len.max(1);
+        create_private_dir(data_dir).map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot create data dir {}: {e}",
                 data_dir.display()
@@ -68,6 +78,7 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             db: Arc::new(db),
             revisions: watch::Sender::new(revision),
+            change_log_len,
         })
     }
 
@@ -90,6 +101,7 @@ impl EmbeddedStore {
         f: impl FnOnce(&WriteTransaction) -> StoreResult<(T, Scope)> + Send + 'static,
     ) -> StoreResult<Committed<T>> {
         let db = self.db.clone();
+        let change_log_len = self.change_log_len;
         let committed = blocking(move || {
             let txn = db.begin_write().map_err(unavailable)?;
             let (value, scope) = f(&txn)?;
@@ -106,9 +118,9 @@ impl EmbeddedStore {
                 changes
                     .insert(revision, encode(&change)?.as_slice())
                     .map_err(unavailable)?;
-                if revision > CHANGE_LOG_LEN {
+                if revision > change_log_len {
                     changes
-                        .remove(revision - CHANGE_LOG_LEN)
+                        .remove(revision - change_log_len)
                         .map_err(unavailable)?;
                 }
                 revision
@@ -408,6 +420,18 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
+}
+
+/// The store holds HMAC signing secrets: its directory is readable by the service's user only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
 }
 
 async fn blocking<T: Send + 'static>(
