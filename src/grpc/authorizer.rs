@@ -53,6 +53,8 @@ pub fn signed_request(
         method: &input.method,
         path: &input.path,
         body: &input.body,
+        // Authorize callers hand over the body themselves.
+        body_complete: true,
     }))
 }
 

@@ -239,6 +239,7 @@ pub fn deny_reason(reason: Option<DenyReason>) -> pb::DenyReason {
         Some(DenyReason::TimestampOutOfWindow) => pb::DenyReason::TimestampOutOfWindow,
         Some(DenyReason::NonceReused) => pb::DenyReason::NonceReused,
         Some(DenyReason::RateLimited) => pb::DenyReason::RateLimited,
+        Some(DenyReason::BodyNotForwarded) => pb::DenyReason::BodyNotForwarded,
     }
 }
 

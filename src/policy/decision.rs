@@ -1,8 +1,8 @@
 //! The decision engine: snapshot + request + now → decision. Pure: no I/O, no clock of its own.
 //!
 //! Order, each step failing closed: parse the client IP, find the key by the SHA-256 of what was
-//! presented, status and expiry, IP allowlist, signature (timestamp window, then the signature, then
-//! the nonce), rate limit. The IP and signature checks are independent: passing one never skips the
+//! presented, status and expiry, IP allowlist, signature (present, over a body that was seen whole,
+//! timestamp window, then the signature, then the nonce), rate limit. The IP and signature checks are independent: passing one never skips the
 //! other. The nonce is the one step that may need shared state (Redis, across replicas), so the
 //! engine hands it back to the caller as a [`PendingNonce`] instead of doing I/O itself.
 
@@ -31,10 +31,13 @@ pub enum DenyReason {
     TimestampOutOfWindow,
     NonceReused,
     RateLimited,
+    /// The key signs, and the request had a body the front end could not see (Envoy did not
+    /// forward it, or truncated it): the signature cannot be checked.
+    BodyNotForwarded,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 11] = [
+    pub const ALL: [DenyReason; 12] = [
         DenyReason::UnknownKey,
         DenyReason::KeyDisabled,
         DenyReason::KeyRevoked,
@@ -46,6 +49,7 @@ impl DenyReason {
         DenyReason::TimestampOutOfWindow,
         DenyReason::NonceReused,
         DenyReason::RateLimited,
+        DenyReason::BodyNotForwarded,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -62,6 +66,7 @@ impl DenyReason {
             DenyReason::TimestampOutOfWindow => "timestamp_out_of_window",
             DenyReason::NonceReused => "nonce_reused",
             DenyReason::RateLimited => "rate_limited",
+            DenyReason::BodyNotForwarded => "body_not_forwarded",
         }
     }
 }
@@ -279,6 +284,9 @@ impl Engine {
                 Some(signed) if !signed.signature.is_empty() => signed,
                 _ => return Evaluation::Decided(decision.deny(DenyReason::SignatureMissing)),
             };
+            if !signed.body_complete {
+                return Evaluation::Decided(decision.deny(DenyReason::BodyNotForwarded));
+            }
             let signed_at = UnixMillis::from_secs(signed.timestamp);
             let window = self.signature_window_secs;
             if signed_at < now.saturating_add_secs(-window)

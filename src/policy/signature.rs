@@ -25,6 +25,10 @@ pub struct SignedRequest<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub body: &'a [u8],
+    /// False when the front end knows the request had a body it did not see whole (Envoy sent
+    /// none, or a truncated one). `body` then cannot be what was signed, so the engine denies with
+    /// `BODY_NOT_FORWARDED` instead of verifying over it.
+    pub body_complete: bool,
 }
 
 const BASE64: GeneralPurpose = GeneralPurpose::new(
@@ -152,6 +156,7 @@ pub fn canonical_string(
         method,
         path,
         body,
+        body_complete: true,
     };
     let mut out = Vec::new();
     write_canonical(&request, |part| out.extend_from_slice(part));
@@ -185,6 +190,7 @@ mod tests {
             method: "post",
             path: "/v1/payments?limit=10",
             body,
+            body_complete: true,
         }
     }
 

@@ -90,6 +90,7 @@ fn signed<'a>(
         method: "POST",
         path: "/v1/payments",
         body,
+        body_complete: true,
     }
 }
 
@@ -379,6 +380,48 @@ fn signature_missing() {
             )
         ),
         Some(DenyReason::SignatureMissing)
+    );
+}
+
+#[test]
+fn a_body_the_front_end_did_not_see_is_a_denial_not_a_pass() {
+    let snapshot = hmac_key();
+    // Signed over an empty body, as if the body Envoy did not forward were empty: the signature
+    // itself verifies, so only the completeness flag stands between it and an allow.
+    let over_empty = sign_hmac(HMAC_SECRET, NOW_SECS, "", "POST", "/v1/payments", b"");
+    let mut incomplete = signed(&over_empty, NOW_SECS, "", b"");
+    incomplete.body_complete = false;
+    assert_eq!(
+        reason(&snapshot, &ask("secret-h", "203.0.113.9", Some(incomplete))),
+        Some(DenyReason::BodyNotForwarded)
+    );
+    incomplete.body_complete = true;
+    assert_eq!(
+        reason(&snapshot, &ask("secret-h", "203.0.113.9", Some(incomplete))),
+        None
+    );
+    // The IP check still comes first, and no signature at all is still SIGNATURE_MISSING.
+    incomplete.body_complete = false;
+    assert_eq!(
+        reason(
+            &snapshot,
+            &ask("secret-h", "198.51.100.1", Some(incomplete))
+        ),
+        Some(DenyReason::IpNotAllowed)
+    );
+    let mut unsigned = signed("", NOW_SECS, "", b"");
+    unsigned.body_complete = false;
+    assert_eq!(
+        reason(&snapshot, &ask("secret-h", "203.0.113.9", Some(unsigned))),
+        Some(DenyReason::SignatureMissing)
+    );
+    // A key that does not sign does not care whether the body was seen.
+    assert_eq!(
+        reason(
+            &plain_key(),
+            &ask("secret-a", "203.0.113.9", Some(incomplete))
+        ),
+        None
     );
 }
 
