@@ -6,6 +6,7 @@
 //! path can be unit-tested exhaustively.
 
 pub mod allowlist;
+pub mod client_ip;
 pub mod decision;
 pub mod ip;
 pub mod model;

@@ -174,6 +174,27 @@ impl CompiledAllowlist {
         }
     }
 
+    /// The networks active at `now`, IPv4 first, each in address order: the key's effective
+    /// allowlist, for a deployment that shows it in detailed denials.
+    pub fn active_networks(&self, now: UnixMillis) -> Vec<Cidr> {
+        let mut v4: Vec<Cidr> = self
+            .v4
+            .iter()
+            .filter(|(_, _, slot)| slot.active_at(now))
+            .map(|(net, len, slot)| found(IpAddr::V4(net), len, *slot).cidr)
+            .collect();
+        let mut v6: Vec<Cidr> = self
+            .v6
+            .iter()
+            .filter(|(_, _, slot)| slot.active_at(now))
+            .map(|(net, len, slot)| found(IpAddr::V6(net), len, *slot).cidr)
+            .collect();
+        v4.sort_unstable();
+        v6.sort_unstable();
+        v4.append(&mut v6);
+        v4
+    }
+
     /// Bytes used by trie nodes and results, for the snapshot-size metric.
     pub fn mem_usage(&self) -> usize {
         let (v4_nodes, v4_results) = self.v4.mem_usage();
@@ -300,6 +321,41 @@ mod tests {
         assert_eq!(
             list.lookup(ip("10.0.0.1"), NOW).unwrap().source,
             EntrySource::Key
+        );
+    }
+
+    #[test]
+    fn active_networks_are_the_effective_list_in_order() {
+        let own = [
+            rule("2001:db8::/32", None),
+            rule("203.0.113.0/24", None),
+            rule("10.1.2.0/24", Some(NOW.0)),
+        ];
+        let partner = [rule("192.0.2.0/24", None), rule("203.0.113.0/24", None)];
+        let list = CompiledAllowlist::compile(&own, &partner);
+        let names = |now| -> Vec<String> {
+            list.active_networks(now)
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        };
+        assert_eq!(
+            names(UnixMillis(NOW.0 - 1)),
+            [
+                "10.1.2.0/24",
+                "192.0.2.0/24",
+                "203.0.113.0/24",
+                "2001:db8::/32"
+            ]
+        );
+        assert_eq!(
+            names(NOW),
+            ["192.0.2.0/24", "203.0.113.0/24", "2001:db8::/32"]
+        );
+        assert!(
+            CompiledAllowlist::compile(&[], &[])
+                .active_networks(NOW)
+                .is_empty()
         );
     }
 }
