@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::policy::model::{Environment, Environments};
+use crate::policy::{
+    ip::Cidr,
+    model::{Environment, Environments},
+};
 
 /// Flags and environment variables for `keyfence serve`. Every field is optional so that a value
 /// left unset here falls through to the config file, then to the default.
@@ -46,6 +49,23 @@ pub struct ServeArgs {
     /// Log format: `pretty` or `json`. Default pretty.
     #[arg(long, env = "KEYFENCE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Networks of the proxies in front of Envoy whose X-Forwarded-For is believed,
+    /// comma-separated CIDRs. Without them the address Envoy reports as the source is the client,
+    /// whatever the request's headers say. Default none.
+    #[arg(long, env = "KEYFENCE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Whether a trusted proxy's X-Real-IP names the client (ahead of X-Forwarded-For). Only for
+    /// proxies that overwrite it. Default false.
+    #[arg(long, env = "KEYFENCE_TRUST_X_REAL_IP", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub trust_x_real_ip: Option<bool>,
+    /// Whether Envoy denials say why (`{"success":false,"error":{"code":"IP_NOT_WHITELISTED",…}}`)
+    /// instead of the opaque `{"code":401,"msg":"Unauthorized"}`. Default false.
+    #[arg(long, env = "KEYFENCE_DETAILED_DENIALS", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub detailed_denials: Option<bool>,
+    /// Whether a detailed IP denial also lists the key's allowed networks. A separate choice: it
+    /// tells a caller holding the key where it would be accepted from. Default false.
+    #[arg(long, env = "KEYFENCE_DETAILED_DENIALS_INCLUDE_ALLOWLIST", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub detailed_denials_include_allowlist: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -67,6 +87,10 @@ struct FileConfig {
     signature_window_secs: Option<u32>,
     min_revision_wait_ms: Option<u64>,
     log_format: Option<LogFormat>,
+    trusted_proxies: Option<Vec<String>>,
+    trust_x_real_ip: Option<bool>,
+    detailed_denials: Option<bool>,
+    detailed_denials_include_allowlist: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +123,11 @@ pub struct Config {
     pub signature_window: Duration,
     pub min_revision_wait: Duration,
     pub log_format: LogFormat,
+    /// Proxies whose forwarding headers Envoy's Check believes; empty trusts none.
+    pub trusted_proxies: Vec<Cidr>,
+    pub trust_x_real_ip: bool,
+    pub detailed_denials: bool,
+    pub detailed_denials_include_allowlist: bool,
 }
 
 impl Config {
@@ -117,6 +146,10 @@ impl Config {
             signature_window_secs,
             min_revision_wait_ms,
             log_format,
+            trusted_proxies,
+            trust_x_real_ip,
+            detailed_denials,
+            detailed_denials_include_allowlist,
         } = args;
         let environment_names = environments
             .or(file.environments)
@@ -144,6 +177,14 @@ impl Config {
                     .unwrap_or(2000),
             ),
             log_format: log_format.or(file.log_format).unwrap_or(LogFormat::Pretty),
+            trusted_proxies: parse_trusted_proxies(
+                &trusted_proxies.or(file.trusted_proxies).unwrap_or_default(),
+            )?,
+            trust_x_real_ip: trust_x_real_ip.or(file.trust_x_real_ip).unwrap_or(false),
+            detailed_denials: detailed_denials.or(file.detailed_denials).unwrap_or(false),
+            detailed_denials_include_allowlist: detailed_denials_include_allowlist
+                .or(file.detailed_denials_include_allowlist)
+                .unwrap_or(false),
         };
         config.validate()?;
         Ok(config)
@@ -166,6 +207,18 @@ impl Config {
                 setting: "signature_window_secs",
                 reason: "must be at least 1".into(),
             }),
+            _ if self.trust_x_real_ip && self.trusted_proxies.is_empty() => {
+                Err(ConfigError::Invalid {
+                    setting: "trust_x_real_ip",
+                    reason: "has no effect without trusted_proxies".into(),
+                })
+            }
+            _ if self.detailed_denials_include_allowlist && !self.detailed_denials => {
+                Err(ConfigError::Invalid {
+                    setting: "detailed_denials_include_allowlist",
+                    reason: "has no effect without detailed_denials".into(),
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -185,6 +238,20 @@ impl fmt::Debug for Config {
             .field("signature_window_secs", &self.signature_window.as_secs())
             .field("min_revision_wait_ms", &self.min_revision_wait.as_millis())
             .field("log_format", &self.log_format)
+            .field(
+                "trusted_proxies",
+                &self
+                    .trusted_proxies
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
+            .field("trust_x_real_ip", &self.trust_x_real_ip)
+            .field("detailed_denials", &self.detailed_denials)
+            .field(
+                "detailed_denials_include_allowlist",
+                &self.detailed_denials_include_allowlist,
+            )
             .finish()
     }
 }
@@ -198,6 +265,20 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })
+}
+
+fn parse_trusted_proxies(entries: &[String]) -> Result<Vec<Cidr>, ConfigError> {
+    entries
+        .iter()
+        .map(|entry| entry.trim())
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry.parse::<Cidr>().map_err(|e| ConfigError::Invalid {
+                setting: "trusted_proxies",
+                reason: e.to_string(),
+            })
+        })
+        .collect()
 }
 
 fn parse_environments(names: &[String]) -> Result<Environments, ConfigError> {
@@ -285,6 +366,104 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn envoy_settings_from_file_and_flags() {
+        let config = Config::resolve(ServeArgs::default()).unwrap();
+        assert!(config.trusted_proxies.is_empty());
+        assert!(!config.trust_x_real_ip && !config.detailed_denials);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyfence.toml");
+        std::fs::write(
+            &path,
+            "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8::/32\"]\ntrust_x_real_ip = true\n\
+             detailed_denials = true\ndetailed_denials_include_allowlist = true\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let config = Config::resolve(args.clone()).unwrap();
+        assert_eq!(
+            config
+                .trusted_proxies
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "2001:db8::/32"]
+        );
+        assert!(config.trust_x_real_ip);
+        assert!(config.detailed_denials && config.detailed_denials_include_allowlist);
+        assert!(format!("{config:?}").contains("10.0.0.0/8"));
+
+        // A flag overrides the file, and a lone trust_x_real_ip is a mistake worth naming.
+        let err = Config::resolve(ServeArgs {
+            trusted_proxies: Some(vec![]),
+            ..args.clone()
+        })
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "trust_x_real_ip: has no effect without trusted_proxies"
+        );
+        let err = Config::resolve(ServeArgs {
+            detailed_denials: Some(false),
+            ..args
+        })
+        .err()
+        .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "detailed_denials_include_allowlist: has no effect without detailed_denials"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_parsed_strictly() {
+        for (entry, expected) in [
+            ("10.0.0.1/8", "did you mean 10.0.0.0/8?"),
+            ("010.0.0.0/8", "not an IPv4 or IPv6 address"),
+            ("10.0.0.0/08", "invalid prefix length"),
+        ] {
+            let err = Config::resolve(ServeArgs {
+                trusted_proxies: Some(vec!["192.0.2.0/24".into(), entry.into()]),
+                ..Default::default()
+            })
+            .err()
+            .unwrap();
+            let message = err.to_string();
+            assert!(message.starts_with("trusted_proxies: "), "{message}");
+            assert!(message.contains(expected), "{entry}: {message}");
+        }
+    }
+
+    #[test]
+    fn boolean_flags_take_an_optional_value() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "keyfence",
+            "--detailed-denials",
+            "--trust-x-real-ip=false",
+            "--trusted-proxies",
+            "10.0.0.0/8,192.0.2.0/24",
+        ])
+        .unwrap();
+        assert_eq!(cli.serve.detailed_denials, Some(true));
+        assert_eq!(cli.serve.trust_x_real_ip, Some(false));
+        assert_eq!(cli.serve.detailed_denials_include_allowlist, None);
+        assert_eq!(
+            cli.serve.trusted_proxies.unwrap(),
+            ["10.0.0.0/8", "192.0.2.0/24"]
+        );
     }
 
     #[test]
