@@ -1,14 +1,15 @@
-//! The gRPC edge: tonic services for the data plane (Authorizer) and the management plane
-//! (Admin), health and reflection.
+//! The gRPC edge: tonic services for the data plane (Authorizer, Envoy's ext_authz Check) and the
+//! management plane (Admin), health and reflection.
 //!
 //! Architecture invariant: this is the only module that names generated protobuf types or
-//! `tonic::Status`. Requests are validated here, once, into policy types ([`convert`]); errors
+//! `tonic::Status`, and [`ext_authz`] the only one that names Envoy's. Requests are validated here, once, into policy types ([`convert`]); errors
 //! become statuses through one table ([`status`]).
 
 pub mod admin;
 pub mod auth;
 pub mod authorizer;
 pub mod convert;
+pub mod ext_authz;
 pub mod status;
 
 /// Generated protobuf and tonic code for `keyfence.v1`.

@@ -15,9 +15,10 @@ use crate::{
         admin::AdminService,
         auth::AdminAuth,
         authorizer::AuthorizerService,
+        ext_authz::{AuthorizationServer, ExtAuthzService, ExtAuthzSettings, denial::DenialDetail},
         pb::{admin_server::AdminServer, authorizer_server::AuthorizerServer},
     },
-    policy::{decision::Engine, snapshot::SharedPolicy},
+    policy::{client_ip::TrustedProxies, decision::Engine, snapshot::SharedPolicy},
     store::{Store, StoreError, embedded::EmbeddedStore},
     sync::PolicySync,
 };
@@ -79,6 +80,22 @@ pub async fn run(
         signature_window_secs: config.signature_window.as_secs() as i64,
     };
     let decider = Arc::new(Decider::new(engine, sync.clone(), config.min_revision_wait));
+    let ext_authz = ExtAuthzService::new(
+        decider.clone(),
+        ExtAuthzSettings {
+            trusted_proxies: TrustedProxies::new(
+                config.trusted_proxies.clone(),
+                config.trust_x_real_ip,
+            ),
+            denials: match (
+                config.detailed_denials,
+                config.detailed_denials_include_allowlist,
+            ) {
+                (false, _) => DenialDetail::Opaque,
+                (true, include_allowlist) => DenialDetail::Detailed { include_allowlist },
+            },
+        },
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -96,6 +113,9 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    health
+        .set_serving::<AuthorizationServer<ExtAuthzService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
     let reflection = || {
@@ -126,6 +146,7 @@ pub async fn run(
         .add_service(AuthorizerServer::new(AuthorizerService::new(
             decider.clone(),
         )))
+        .add_service(AuthorizationServer::new(ext_authz))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.data), stopped());
 
     let admin = AdminService::new(
@@ -152,6 +173,9 @@ pub async fn run(
     let result = tokio::try_join!(data_plane, admin_plane);
     health
         .set_not_serving::<AuthorizerServer<AuthorizerService>>()
+        .await;
+    health
+        .set_not_serving::<AuthorizationServer<ExtAuthzService>>()
         .await;
     let _ = sync_task.await;
     result?;

@@ -1247,7 +1247,11 @@ async fn health_reports_serving() {
     let server = Server::start(&[]);
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(Server::channel(server.data_addr).await);
-    for service in ["", "keyfence.v1.Authorizer"] {
+    for service in [
+        "",
+        "keyfence.v1.Authorizer",
+        "envoy.service.auth.v3.Authorization",
+    ] {
         let response = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),
