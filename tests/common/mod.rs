@@ -1,7 +1,10 @@
 //! The shared harness: starts the real `keyfence` binary on free loopback ports with its own data
-//! directory, and hands out gRPC clients. The server is killed when the handle drops.
+//! directory, and hands out gRPC clients. The server is killed when the handle drops. [`envoy`]
+//! starts Envoy in front of it.
 
 #![allow(dead_code)]
+
+pub mod envoy;
 
 use std::{
     io::{BufRead, BufReader},
