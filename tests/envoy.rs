@@ -164,6 +164,9 @@ async fn a_good_key_reaches_the_upstream_named_and_without_its_credentials() {
         received[1].header("x-keyfence-key-id"),
         Some(key_id(&key).as_str())
     );
+    let log = stack.keyfence.log();
+    assert!(log.contains("key created"), "the log was captured");
+    assert!(!log.contains(&key.secret), "the presented key was logged");
 }
 
 #[tokio::test]
@@ -388,6 +391,9 @@ async fn a_spoofed_forwarded_for_changes_nothing_unless_the_proxy_is_trusted() {
         (response.status, error_code(&response).as_str()),
         (401, "INVALID_CLIENT_IP")
     );
+    let log = trusted.keyfence.log();
+    assert!(log.contains("client ip not resolved"), "{log}");
+    assert!(!log.contains(&key.secret), "the presented key was logged");
     // X-Real-IP is not read unless configured.
     let response = trusted
         .send(
