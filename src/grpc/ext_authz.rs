@@ -185,12 +185,23 @@ enum KeyHeader {
 }
 
 /// Envoy's request, read and size-checked.
-#[derive(Debug)]
 struct Question<'a> {
+    /// The presented key: hashed by the engine, never printed (see the `Debug` below).
     key: &'a str,
     key_from: KeyHeader,
     origin: Origin<'a>,
     signature: Option<SignedRequest<'a>>,
+}
+
+impl std::fmt::Debug for Question<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Question")
+            .field("key", &"<redacted>")
+            .field("key_from", &self.key_from)
+            .field("origin", &self.origin)
+            .field("signature", &self.signature.map(|s| (s.method, s.path)))
+            .finish()
+    }
 }
 
 fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
