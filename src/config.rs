@@ -46,6 +46,27 @@ pub struct ServeArgs {
     /// Log format: `pretty` or `json`. Default pretty.
     #[arg(long, env = "KEYFENCE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Use Redis as the store (redis://[user:password@]host:port/db) instead of the embedded one,
+    /// so that many replicas share one source of truth.
+    #[arg(long, env = "KEYFENCE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel, so several deployments can share one Redis.
+    /// Default keyfence.
+    #[arg(long, env = "KEYFENCE_REDIS_NAMESPACE")]
+    pub redis_namespace: Option<String>,
+    /// How often the change log is checked even without a notification, in milliseconds.
+    /// Default 1000.
+    #[arg(long, env = "KEYFENCE_SYNC_INTERVAL_MS")]
+    pub sync_interval_ms: Option<u64>,
+    /// Refuse to answer (UNAVAILABLE, so callers fail closed) when the policy has not been
+    /// confirmed against the store for this long, in milliseconds. Off by default: availability
+    /// over revocation.
+    #[arg(long, env = "KEYFENCE_MAX_STALENESS_MS")]
+    pub max_staleness_ms: Option<u64>,
+    /// With Redis down, remember nonces in this replica only instead of refusing signed requests
+    /// that carry one (a replay to another replica then goes unnoticed). Default false.
+    #[arg(long, env = "KEYFENCE_NONCE_FALLBACK_LOCAL")]
+    pub nonce_fallback_local: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -67,6 +88,11 @@ struct FileConfig {
     signature_window_secs: Option<u32>,
     min_revision_wait_ms: Option<u64>,
     log_format: Option<LogFormat>,
+    redis_url: Option<String>,
+    redis_namespace: Option<String>,
+    sync_interval_ms: Option<u64>,
+    max_staleness_ms: Option<u64>,
+    nonce_fallback_local: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +125,27 @@ pub struct Config {
     pub signature_window: Duration,
     pub min_revision_wait: Duration,
     pub log_format: LogFormat,
+    /// `None`: the embedded store in `data_dir`.
+    pub redis: Option<RedisConfig>,
+    pub sync_interval: Duration,
+    pub max_staleness: Option<Duration>,
+}
+
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub namespace: String,
+    pub nonce_fallback_local: bool,
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        match (self.url.split_once("://"), self.url.rfind('@')) {
+            (Some((scheme, _)), Some(at)) => format!("{scheme}://<redacted>{}", &self.url[at..]),
+            _ => self.url.clone(),
+        }
+    }
 }
 
 impl Config {
@@ -117,6 +164,11 @@ impl Config {
             signature_window_secs,
             min_revision_wait_ms,
             log_format,
+            redis_url,
+            redis_namespace,
+            sync_interval_ms,
+            max_staleness_ms,
+            nonce_fallback_local,
         } = args;
         let environment_names = environments
             .or(file.environments)
@@ -144,6 +196,24 @@ impl Config {
                     .unwrap_or(2000),
             ),
             log_format: log_format.or(file.log_format).unwrap_or(LogFormat::Pretty),
+            redis: redis_url
+                .or(file.redis_url)
+                .filter(|u| !u.is_empty())
+                .map(|url| RedisConfig {
+                    url,
+                    namespace: redis_namespace
+                        .or(file.redis_namespace)
+                        .unwrap_or_else(|| "keyfence".into()),
+                    nonce_fallback_local: nonce_fallback_local
+                        .or(file.nonce_fallback_local)
+                        .unwrap_or(false),
+                }),
+            sync_interval: Duration::from_millis(
+                sync_interval_ms.or(file.sync_interval_ms).unwrap_or(1000),
+            ),
+            max_staleness: max_staleness_ms
+                .or(file.max_staleness_ms)
+                .map(Duration::from_millis),
         };
         config.validate()?;
         Ok(config)
@@ -166,6 +236,31 @@ impl Config {
                 setting: "signature_window_secs",
                 reason: "must be at least 1".into(),
             }),
+            _ if self.sync_interval.is_zero() => Err(ConfigError::Invalid {
+                setting: "sync_interval_ms",
+                reason: "must be at least 1".into(),
+            }),
+            _ if self
+                .max_staleness
+                .is_some_and(|max| max <= self.sync_interval) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "max_staleness_ms",
+                    reason: format!(
+                        "must be longer than sync_interval_ms ({} ms), or every replica would stop between two checks",
+                        self.sync_interval.as_millis()
+                    ),
+                })
+            }
+            _ if self.redis.as_ref().is_some_and(|r| {
+                r.namespace.is_empty() || r.namespace.chars().any(|c| c.is_whitespace())
+            }) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "redis_namespace",
+                    reason: "must be non-empty and contain no white space".into(),
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -185,6 +280,23 @@ impl fmt::Debug for Config {
             .field("signature_window_secs", &self.signature_window.as_secs())
             .field("min_revision_wait_ms", &self.min_revision_wait.as_millis())
             .field("log_format", &self.log_format)
+            .field(
+                "store",
+                &match &self.redis {
+                    None => format!("embedded ({})", self.data_dir.display()),
+                    Some(redis) => format!(
+                        "redis {} namespace {:?} nonce_fallback_local {}",
+                        redis.redacted_url(),
+                        redis.namespace,
+                        redis.nonce_fallback_local
+                    ),
+                },
+            )
+            .field("sync_interval_ms", &self.sync_interval.as_millis())
+            .field(
+                "max_staleness_ms",
+                &self.max_staleness.map(|d| d.as_millis()),
+            )
             .finish()
     }
 }
@@ -285,6 +397,27 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn redis_settings_and_redaction() {
+        let args = ServeArgs {
+            redis_url: Some("redis://:hunter2@127.0.0.1:6379/0".into()),
+            max_staleness_ms: Some(30_000),
+            ..Default::default()
+        };
+        let config = Config::resolve(args).unwrap();
+        let redis = config.redis.as_ref().unwrap();
+        assert_eq!(redis.namespace, "keyfence");
+        assert!(!redis.nonce_fallback_local, "fail closed by default");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("127.0.0.1:6379"), "{printed}");
+        let too_tight = ServeArgs {
+            max_staleness_ms: Some(500),
+            ..Default::default()
+        };
+        assert!(Config::resolve(too_tight).is_err());
     }
 
     #[test]

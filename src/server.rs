@@ -10,6 +10,7 @@ use tonic::transport::Server;
 
 use crate::{
     authz::Decider,
+    authz::Nonces,
     config::Config,
     grpc::{
         admin::AdminService,
@@ -17,15 +18,17 @@ use crate::{
         authorizer::AuthorizerService,
         pb::{admin_server::AdminServer, authorizer_server::AuthorizerServer},
     },
-    policy::{decision::Engine, snapshot::SharedPolicy},
-    store::{Store, StoreError, embedded::EmbeddedStore},
+    policy::{decision::Engine, nonce::NonceLedger, snapshot::SharedPolicy},
+    store::{
+        Store, StoreError,
+        embedded::EmbeddedStore,
+        redis::{RedisOptions, RedisStore},
+    },
     sync::PolicySync,
 };
 
 /// Admin requests may carry whole allowlists (100,000 entries is a few MiB).
 const ADMIN_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// How often the sync task checks the change log when no notification came.
-const SYNC_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long an admin write waits for the local snapshot to include it.
 const WRITE_VISIBILITY_WAIT: Duration = Duration::from_secs(5);
 
@@ -70,15 +73,43 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+    let (store, nonces): (Arc<dyn Store>, Nonces) = match &config.redis {
+        None => (
+            Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            Nonces::Local(NonceLedger::default()),
+        ),
+        Some(redis) => {
+            let store = RedisStore::connect(RedisOptions {
+                url: redis.url.clone(),
+                namespace: redis.namespace.clone(),
+                change_log_len: crate::store::redis::CHANGE_LOG_LEN,
+            })?;
+            let fallback = redis.nonce_fallback_local.then(NonceLedger::default);
+            (store.clone(), Nonces::Shared { store, fallback })
+        }
+    };
     let policy = Arc::new(SharedPolicy::default());
     let sync = PolicySync::new(store.clone(), policy);
-    sync.full_reload().await?;
+    match sync.full_reload().await {
+        Ok(_) => {}
+        // The embedded store is local: failing to read it is fatal.
+        Err(error) if config.redis.is_none() => return Err(error.into()),
+        // Redis may come later: serve NOT_SERVING / UNAVAILABLE until the first load.
+        Err(error) => {
+            tracing::warn!(%error, "cannot load the policy yet; not serving until it loads")
+        }
+    }
 
     let engine = Engine {
         signature_window_secs: config.signature_window.as_secs() as i64,
     };
-    let decider = Arc::new(Decider::new(engine, sync.clone(), config.min_revision_wait));
+    let decider = Arc::new(Decider::new(
+        engine,
+        sync.clone(),
+        nonces,
+        config.min_revision_wait,
+        config.max_staleness,
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -91,13 +122,31 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let sync_task = tokio::spawn(sync.clone().run(SYNC_CHECK_INTERVAL, stopped()));
+    let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, stopped()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AuthorizerServer<AuthorizerService>>()
-        .await;
-    health.set_serving::<AdminServer<AdminService>>().await;
+    // NOT_SERVING until the policy has loaded once; from then on SERVING, even while the store
+    // is unreachable, because decisions come from the last snapshot.
+    let serving = {
+        let health = health.clone();
+        let sync = sync.clone();
+        async move {
+            sync.wait_until_loaded().await;
+            health
+                .set_serving::<AuthorizerServer<AuthorizerService>>()
+                .await;
+            health.set_serving::<AdminServer<AdminService>>().await;
+        }
+    };
+    if sync.policy().load().is_loaded() {
+        serving.await;
+    } else {
+        health
+            .set_not_serving::<AuthorizerServer<AuthorizerService>>()
+            .await;
+        health.set_not_serving::<AdminServer<AdminService>>().await;
+        tokio::spawn(serving);
+    }
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)

@@ -292,8 +292,8 @@ impl Admin for AdminService {
                 &id,
                 Box::new(move |record| {
                     ops::ensure_not_revoked(record)?;
-                    if let Some(name) = name {
-                        record.name = name;
+                    if let Some(name) = &name {
+                        record.name = name.clone();
                     }
                     if let Some(enabled) = enabled {
                         record.status = if enabled {
@@ -314,7 +314,7 @@ impl Admin for AdminService {
                     if let Some(rate_limit) = rate_limit {
                         record.rate_limit = rate_limit;
                     }
-                    ops::touch(record, edit_audit);
+                    ops::touch(record, edit_audit.clone());
                     Ok(())
                 }),
             )
@@ -341,7 +341,7 @@ impl Admin for AdminService {
                 Box::new(move |record| {
                     record.status = KeyStatus::Revoked;
                     record.previous_secret = None;
-                    ops::touch(record, edit_audit);
+                    ops::touch(record, edit_audit.clone());
                     Ok(())
                 }),
             )
@@ -383,8 +383,8 @@ impl Admin for AdminService {
                         valid_until: edit_audit.at.saturating_add_secs(grace),
                     });
                     record.secret_hash = hash;
-                    record.display_prefix = prefix;
-                    ops::touch(record, edit_audit);
+                    record.display_prefix = prefix.clone();
+                    ops::touch(record, edit_audit.clone());
                     Ok(())
                 }),
             )
@@ -427,7 +427,10 @@ impl Admin for AdminService {
         let count = added.len();
         let committed = self
             .store
-            .modify_allowlist(&scope, Box::new(move |list| ops::add_entries(list, added)))
+            .modify_allowlist(
+                &scope,
+                Box::new(move |list| ops::add_entries(list, added.clone())),
+            )
             .await?;
         let committed = self.visible(committed).await;
         tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries added");
@@ -453,7 +456,7 @@ impl Admin for AdminService {
             .store
             .modify_allowlist(
                 &scope,
-                Box::new(move |list| ops::replace_entries(list, replacement)),
+                Box::new(move |list| ops::replace_entries(list, replacement.clone())),
             )
             .await?;
         let committed = self.visible(committed).await;
