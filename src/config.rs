@@ -421,6 +421,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/keyfence.toml");
+        let args = ServeArgs {
+            config: Some(path.into()),
+            ..Default::default()
+        };
+        let config = Config::resolve(args).unwrap();
+        assert_eq!(config.data_dir, std::path::Path::new("/var/lib/keyfence"));
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
     fn bad_environment_names_are_rejected() {
         let args = ServeArgs {
             environments: Some(vec!["Production".into()]),
