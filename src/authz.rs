@@ -4,6 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
+    access::{AccessEvent, AccessRecorder, Frontend},
     policy::{
         decision::{AuthzRequest, Decision, Engine, Evaluation, Mode},
         model::UnixMillis,
@@ -11,7 +12,16 @@ use crate::{
     },
     store::NonceStore,
     sync::PolicySync,
+    telemetry::metrics::Metrics,
 };
+
+/// Who asked, for metrics and the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub frontend: Frontend,
+    /// HTTP method and path, when known.
+    pub endpoint: Option<(&'a str, &'a str)>,
+}
 
 /// Why no decision could be made. Never a denial: the caller cannot be answered at all, and
 /// every front end turns this into a refusal (fail closed).
@@ -49,35 +59,83 @@ pub struct Decider {
     min_revision_wait: Duration,
     /// Stop answering when the snapshot has not been confirmed for this long.
     max_staleness: Option<Duration>,
+    metrics: Arc<Metrics>,
+    /// `None` when access logging is switched off.
+    access: Option<AccessRecorder>,
+}
+
+/// Everything a [`Decider`] is built from.
+pub struct DeciderParts {
+    pub engine: Engine,
+    pub sync: Arc<PolicySync>,
+    pub nonces: Nonces,
+    pub min_revision_wait: Duration,
+    pub max_staleness: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+    pub access: Option<AccessRecorder>,
 }
 
 impl Decider {
-    pub fn new(
-        engine: Engine,
-        sync: Arc<PolicySync>,
-        nonces: Nonces,
-        min_revision_wait: Duration,
-        max_staleness: Option<Duration>,
-    ) -> Decider {
+    pub fn new(parts: DeciderParts) -> Decider {
+        let DeciderParts {
+            engine,
+            sync,
+            nonces,
+            min_revision_wait,
+            max_staleness,
+            metrics,
+            access,
+        } = parts;
         Decider {
             engine,
             sync,
             nonces,
             min_revision_wait,
             max_staleness,
+            metrics,
+            access,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn sync(&self) -> &Arc<PolicySync> {
         &self.sync
     }
 
+    /// Decides; a real (not dry-run) decision is counted and offered to the access log.
     pub async fn decide(
         &self,
         request: &AuthzRequest<'_>,
         min_revision: u64,
         mode: Mode,
+        origin: Origin<'_>,
     ) -> Result<Decision, AuthzError> {
+        let started = std::time::Instant::now();
+        let (decision, now) = self.decide_unobserved(request, min_revision, mode).await?;
+        if mode == Mode::Enforce {
+            self.metrics
+                .record_decision(origin.frontend, &decision, started.elapsed());
+            if let Some(access) = &self.access {
+                access.record(AccessEvent::of(
+                    &decision,
+                    now,
+                    origin.frontend,
+                    origin.endpoint,
+                ));
+            }
+        }
+        Ok(decision)
+    }
+
+    async fn decide_unobserved(
+        &self,
+        request: &AuthzRequest<'_>,
+        min_revision: u64,
+        mode: Mode,
+    ) -> Result<(Decision, UnixMillis), AuthzError> {
         let policy = self.sync.policy();
         let current = policy.load();
         if !current.is_loaded() {
@@ -114,7 +172,7 @@ impl Decider {
             self.engine.evaluate(&snapshot, request, now, mode)
         };
         let pending = match evaluation {
-            Evaluation::Decided(decision) => return Ok(decision),
+            Evaluation::Decided(decision) => return Ok((decision, now)),
             Evaluation::NonceRequired(pending) => pending,
         };
         let consume = mode == Mode::Enforce;
@@ -151,6 +209,6 @@ impl Decider {
                 }
             }
         };
-        Ok(pending.finish(fresh))
+        Ok((pending.finish(fresh), now))
     }
 }

@@ -11,7 +11,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::policy::model::{Environment, Environments};
+use crate::{
+    access::{Retention, alerts::AlertConfig},
+    policy::model::{Environment, Environments},
+};
 
 /// Flags and environment variables for `keyfence serve`. Every field is optional so that a value
 /// left unset here falls through to the config file, then to the default.
@@ -67,6 +70,39 @@ pub struct ServeArgs {
     /// that carry one (a replay to another replica then goes unnoticed). Default false.
     #[arg(long, env = "KEYFENCE_NONCE_FALLBACK_LOCAL")]
     pub nonce_fallback_local: Option<bool>,
+    /// Keep a per-key access log of every decision. Default true.
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG")]
+    pub access_log: Option<bool>,
+    /// Access records waiting to be written; beyond this they are dropped and counted, never the
+    /// request. Default 65536.
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_QUEUE")]
+    pub access_log_queue: Option<usize>,
+    /// Access records kept per key. Default 10000.
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_MAX_RECORDS")]
+    pub access_log_max_records: Option<usize>,
+    /// Age after which access records are dropped, in seconds. Default 2592000 (30 days).
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_MAX_AGE_SECS")]
+    pub access_log_max_age_secs: Option<u64>,
+    /// Blocked attempts of one key in one window above which an alert is raised. Default 20.
+    #[arg(long, env = "KEYFENCE_ALERT_MAX_BLOCKED")]
+    pub alert_max_blocked: Option<u32>,
+    /// Distinct blocked addresses of one key in one window above which an alert is raised.
+    /// Default 5.
+    #[arg(long, env = "KEYFENCE_ALERT_MAX_DISTINCT_IPS")]
+    pub alert_max_distinct_ips: Option<u32>,
+    /// The alert window, in seconds (one alert per key per window). Default 60.
+    #[arg(long, env = "KEYFENCE_ALERT_WINDOW_SECS")]
+    pub alert_window_secs: Option<u64>,
+    /// POST alerts as JSON to this URL (with retries).
+    #[arg(long, env = "KEYFENCE_ALERT_WEBHOOK_URL")]
+    pub alert_webhook_url: Option<String>,
+    /// Serve Prometheus metrics at http://<addr>/metrics. Off by default.
+    #[arg(long, env = "KEYFENCE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export OpenTelemetry traces and metrics over OTLP/gRPC to this endpoint
+    /// (http://collector:4317). Nothing is exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -93,6 +129,16 @@ struct FileConfig {
     sync_interval_ms: Option<u64>,
     max_staleness_ms: Option<u64>,
     nonce_fallback_local: Option<bool>,
+    access_log: Option<bool>,
+    access_log_queue: Option<usize>,
+    access_log_max_records: Option<usize>,
+    access_log_max_age_secs: Option<u64>,
+    alert_max_blocked: Option<u32>,
+    alert_max_distinct_ips: Option<u32>,
+    alert_window_secs: Option<u64>,
+    alert_webhook_url: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +175,17 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     pub sync_interval: Duration,
     pub max_staleness: Option<Duration>,
+    pub access_log: AccessLogSettings,
+    pub metrics_listen: Option<SocketAddr>,
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogSettings {
+    pub enabled: bool,
+    pub queue_capacity: usize,
+    pub retention: Retention,
+    pub alerts: AlertConfig,
 }
 
 #[derive(Clone)]
@@ -169,7 +226,18 @@ impl Config {
             sync_interval_ms,
             max_staleness_ms,
             nonce_fallback_local,
+            access_log,
+            access_log_queue,
+            access_log_max_records,
+            access_log_max_age_secs,
+            alert_max_blocked,
+            alert_max_distinct_ips,
+            alert_window_secs,
+            alert_webhook_url,
+            metrics_listen,
+            otlp_endpoint,
         } = args;
+        let defaults = (Retention::default(), AlertConfig::default());
         let environment_names = environments
             .or(file.environments)
             .unwrap_or_else(|| vec!["production".into(), "sandbox".into()]);
@@ -214,6 +282,38 @@ impl Config {
             max_staleness: max_staleness_ms
                 .or(file.max_staleness_ms)
                 .map(Duration::from_millis),
+            access_log: AccessLogSettings {
+                enabled: access_log.or(file.access_log).unwrap_or(true),
+                queue_capacity: access_log_queue.or(file.access_log_queue).unwrap_or(65_536),
+                retention: Retention {
+                    max_records_per_key: access_log_max_records
+                        .or(file.access_log_max_records)
+                        .unwrap_or(defaults.0.max_records_per_key),
+                    max_age: access_log_max_age_secs
+                        .or(file.access_log_max_age_secs)
+                        .map(Duration::from_secs)
+                        .unwrap_or(defaults.0.max_age),
+                },
+                alerts: AlertConfig {
+                    max_blocked: alert_max_blocked
+                        .or(file.alert_max_blocked)
+                        .unwrap_or(defaults.1.max_blocked),
+                    max_distinct_ips: alert_max_distinct_ips
+                        .or(file.alert_max_distinct_ips)
+                        .unwrap_or(defaults.1.max_distinct_ips),
+                    window: alert_window_secs
+                        .or(file.alert_window_secs)
+                        .map(Duration::from_secs)
+                        .unwrap_or(defaults.1.window),
+                    webhook_url: alert_webhook_url
+                        .or(file.alert_webhook_url)
+                        .filter(|u| !u.is_empty()),
+                },
+            },
+            metrics_listen: metrics_listen.or(file.metrics_listen),
+            otlp_endpoint: otlp_endpoint
+                .or(file.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
         };
         config.validate()?;
         Ok(config)
@@ -259,6 +359,32 @@ impl Config {
                 Err(ConfigError::Invalid {
                     setting: "redis_namespace",
                     reason: "must be non-empty and contain no white space".into(),
+                })
+            }
+            _ if self.access_log.queue_capacity == 0
+                || self.access_log.retention.max_records_per_key == 0 =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "access_log_queue / access_log_max_records",
+                    reason: "must be at least 1".into(),
+                })
+            }
+            _ if self.access_log.alerts.window.is_zero() => Err(ConfigError::Invalid {
+                setting: "alert_window_secs",
+                reason: "must be at least 1".into(),
+            }),
+            _ if self
+                .access_log
+                .alerts
+                .webhook_url
+                .as_ref()
+                .is_some_and(|url| {
+                    !(url.starts_with("http://") || url.starts_with("https://"))
+                }) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "alert_webhook_url",
+                    reason: "must be an http:// or https:// URL".into(),
                 })
             }
             _ => Ok(()),

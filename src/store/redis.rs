@@ -214,7 +214,8 @@ impl RedisStore {
         }))
     }
 
-    async fn conn(&self) -> StoreResult<ConnectionManager> {
+    /// A connection, made on first use; shared with the access log.
+    pub(crate) async fn conn(&self) -> StoreResult<ConnectionManager> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
@@ -229,6 +230,11 @@ impl RedisStore {
             .map_err(unavailable)?;
         *slot = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// The key prefix of this deployment.
+    pub(crate) fn namespace(&self) -> &str {
+        &self.names.ns
     }
 
     /// Runs the commit script; `None` when a guarded key changed since it was read.
@@ -725,7 +731,7 @@ fn encode<T: Serialize + ?Sized>(value: &T) -> StoreResult<Vec<u8>> {
     serde_json::to_vec(value).map_err(corrupt)
 }
 
-fn unavailable(error: redis::RedisError) -> StoreError {
+pub(crate) fn unavailable(error: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {error}"))
 }
 
