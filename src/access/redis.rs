@@ -1,6 +1,7 @@
 //! Access logs in Redis: one stream per key (`{ns}:access:<key id>`) that every replica appends
 //! to and any replica reads, trimmed by count (`MAXLEN ~`) and age (`MINID ~`); last-used times in
-//! one hash (`{ns}:last-used`).
+//! one hash (`{ns}:last-used`). Streams are ordered by arrival at Redis, which is the decision
+//! order up to the replicas' clock skew.
 
 use async_trait::async_trait;
 
@@ -12,6 +13,10 @@ use crate::{
         redis::{RedisStore, unavailable},
     },
 };
+
+/// Stream ids carry Redis's clock, records the deciding replica's: time ranges are looked up
+/// with this much slack around them, then filtered on the record's own time.
+const SKEW_MS: i64 = 60_000;
 
 fn stream(store: &RedisStore, key: &KeyId) -> String {
     format!("{}:access:{key}", store.namespace())
@@ -74,7 +79,7 @@ impl AccessLogStore for RedisStore {
                     "is not a token this server issued",
                 ));
             }
-            (None, Some(until)) => until.0.max(0).to_string(),
+            (None, Some(until)) => (until.0 + SKEW_MS).max(0).to_string(),
             (None, None) => "+".into(),
         };
         let start = query
@@ -105,7 +110,10 @@ impl AccessLogStore for RedisStore {
                 let record: AccessRecord =
                     serde_json::from_slice(json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 end = format!("({id}");
-                if query.blocked_only && record.allowed {
+                if query.blocked_only && record.allowed
+                    || query.until.is_some_and(|until| record.at > until)
+                    || query.since.is_some_and(|since| record.at < since)
+                {
                     continue;
                 }
                 page.records.push(record);
