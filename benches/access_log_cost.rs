@@ -24,7 +24,13 @@ const ROUNDS: usize = 3;
 async fn round(args: &[&str]) -> f64 {
     let server = Server::start(args);
     let mut admin = server.admin().await;
-    let key = create_key(&mut admin, "acme", "production", &["203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32"]).await;
+    let key = create_key(
+        &mut admin,
+        "acme",
+        "production",
+        &["203.0.113.0/24", "198.51.100.0/24", "2001:db8::/32"],
+    )
+    .await;
     let mut channels = Vec::new();
     for _ in 0..CHANNELS {
         channels.push(Server::channel(server.data_addr).await);
@@ -33,14 +39,23 @@ async fn round(args: &[&str]) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
-        let mut authz = keyfence::grpc::pb::authorizer_client::AuthorizerClient::new(channels[client % CHANNELS].clone());
+        let mut authz = keyfence::grpc::pb::authorizer_client::AuthorizerClient::new(
+            channels[client % CHANNELS].clone(),
+        );
         let (done, stop, secret) = (done.clone(), stop.clone(), key.secret.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 // Three allowed for every denied, as a mixed workload.
-                let ip = if i % 4 == 3 { format!("192.0.2.{}", i % 250) } else { format!("203.0.113.{}", i % 250) };
-                authz.authorize(authorize_request(&secret, &ip)).await.expect("authorize");
+                let ip = if i % 4 == 3 {
+                    format!("192.0.2.{}", i % 250)
+                } else {
+                    format!("203.0.113.{}", i % 250)
+                };
+                authz
+                    .authorize(authorize_request(&secret, &ip))
+                    .await
+                    .expect("authorize");
                 done.fetch_add(1, Ordering::Relaxed);
                 i = i.wrapping_add(1);
             }
@@ -64,7 +79,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let (mut on, mut off) = (Vec::new(), Vec::new());
         for r in 0..ROUNDS {

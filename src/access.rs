@@ -285,13 +285,22 @@ async fn write_batch(
             continue;
         };
         if record.allowed {
-            last_used.insert(
-                key_id.clone(),
-                LastUse {
-                    at: record.at,
-                    client_ip: record.client_ip.clone(),
-                },
-            );
+            match last_used.get_mut(key_id) {
+                Some(last) if last.at <= record.at => {
+                    last.at = record.at;
+                    last.client_ip.clone_from(&record.client_ip);
+                }
+                Some(_) => {}
+                None => {
+                    last_used.insert(
+                        key_id.clone(),
+                        LastUse {
+                            at: record.at,
+                            client_ip: record.client_ip.clone(),
+                        },
+                    );
+                }
+            }
         } else {
             alerts.observe(&record);
         }

@@ -95,15 +95,18 @@ impl AlertDetector {
             let now = record.at;
             self.windows.retain(|_, w| now.0 - w.started.0 < window_ms);
         }
-        let window = self
-            .windows
-            .entry(key_id.clone())
-            .or_insert_with(|| Window {
-                started: record.at,
-                blocked: 0,
-                ips: HashSet::new(),
-                alerted: false,
-            });
+        if !self.windows.contains_key(key_id) {
+            self.windows.insert(
+                key_id.clone(),
+                Window {
+                    started: record.at,
+                    blocked: 0,
+                    ips: HashSet::new(),
+                    alerted: false,
+                },
+            );
+        }
+        let window = self.windows.get_mut(key_id).expect("inserted above");
         if record.at.0 - window.started.0 >= window_ms {
             *window = Window {
                 started: record.at,
