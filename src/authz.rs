@@ -4,57 +4,146 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
+    access::{AccessEvent, AccessRecorder, Frontend},
     policy::{
-        decision::{AuthzRequest, Decision, Engine, Mode},
+        decision::{AuthzRequest, Decision, Engine, Evaluation, Mode},
         model::UnixMillis,
         nonce::NonceLedger,
     },
+    store::NonceStore,
     sync::PolicySync,
+    telemetry::metrics::Metrics,
 };
 
-/// Why no decision could be made. Never a denial: the caller cannot be answered at all.
+/// Who asked, for metrics and the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub frontend: Frontend,
+    /// HTTP method and path, when known.
+    pub endpoint: Option<(&'a str, &'a str)>,
+}
+
+/// Why no decision could be made. Never a denial: the caller cannot be answered at all, and
+/// every front end turns this into a refusal (fail closed).
 #[derive(Debug, thiserror::Error)]
 pub enum AuthzError {
     #[error("policy not loaded yet")]
     NotLoaded,
     #[error("policy revision {wanted} not reached (at {current})")]
     RevisionNotReached { wanted: u64, current: u64 },
+    #[error(
+        "policy not confirmed against the store for {unconfirmed_ms} ms (max_staleness is {max_ms} ms)"
+    )]
+    Stale { unconfirmed_ms: u64, max_ms: u64 },
+    #[error("nonce store unavailable: {0}")]
+    NonceStoreUnavailable(String),
+}
+
+/// Where nonces are remembered.
+pub enum Nonces {
+    /// In this process: enough for one replica.
+    Local(NonceLedger),
+    /// Shared by every replica (Redis). When it cannot be reached, a request with a nonce is
+    /// refused, unless `fallback` (a per-replica ledger) is configured.
+    Shared {
+        store: Arc<dyn NonceStore>,
+        fallback: Option<NonceLedger>,
+    },
 }
 
 pub struct Decider {
     engine: Engine,
     sync: Arc<PolicySync>,
-    nonces: NonceLedger,
+    nonces: Nonces,
     /// How long a request with `min_revision` may wait for the snapshot to catch up.
     min_revision_wait: Duration,
+    /// Stop answering when the snapshot has not been confirmed for this long.
+    max_staleness: Option<Duration>,
+    metrics: Arc<Metrics>,
+    /// `None` when access logging is switched off.
+    access: Option<AccessRecorder>,
+}
+
+/// Everything a [`Decider`] is built from.
+pub struct DeciderParts {
+    pub engine: Engine,
+    pub sync: Arc<PolicySync>,
+    pub nonces: Nonces,
+    pub min_revision_wait: Duration,
+    pub max_staleness: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+    pub access: Option<AccessRecorder>,
 }
 
 impl Decider {
-    pub fn new(engine: Engine, sync: Arc<PolicySync>, min_revision_wait: Duration) -> Decider {
+    pub fn new(parts: DeciderParts) -> Decider {
+        let DeciderParts {
+            engine,
+            sync,
+            nonces,
+            min_revision_wait,
+            max_staleness,
+            metrics,
+            access,
+        } = parts;
         Decider {
             engine,
             sync,
-            nonces: NonceLedger::default(),
+            nonces,
             min_revision_wait,
+            max_staleness,
+            metrics,
+            access,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn sync(&self) -> &Arc<PolicySync> {
         &self.sync
     }
 
+    /// Decides; a real (not dry-run) decision is counted and offered to the access log.
     pub async fn decide(
         &self,
         request: &AuthzRequest<'_>,
         min_revision: u64,
         mode: Mode,
+        origin: Origin<'_>,
     ) -> Result<Decision, AuthzError> {
+        let started = std::time::Instant::now();
+        let (decision, now) = self.decide_unobserved(request, min_revision, mode).await?;
+        if mode == Mode::Enforce {
+            self.metrics
+                .record_decision(origin.frontend, &decision, started.elapsed());
+            if let Some(access) = &self.access {
+                access.record(AccessEvent::of(
+                    &decision,
+                    now,
+                    origin.frontend,
+                    origin.endpoint,
+                ));
+            }
+        }
+        Ok(decision)
+    }
+
+    async fn decide_unobserved(
+        &self,
+        request: &AuthzRequest<'_>,
+        min_revision: u64,
+        mode: Mode,
+    ) -> Result<(Decision, UnixMillis), AuthzError> {
         let policy = self.sync.policy();
-        let mut snapshot = policy.load();
-        if !snapshot.is_loaded() {
+        let current = policy.load();
+        if !current.is_loaded() {
             return Err(AuthzError::NotLoaded);
         }
-        if snapshot.revision() < min_revision {
+        if current.revision() < min_revision {
+            drop(current);
+            self.sync.nudge();
             if !self
                 .sync
                 .wait_for_revision(min_revision, self.min_revision_wait)
@@ -65,11 +154,61 @@ impl Decider {
                     current: policy.load().revision(),
                 });
             }
-            snapshot = policy.load();
+        } else {
+            drop(current);
         }
         let now = UnixMillis::now();
-        Ok(self
-            .engine
-            .decide(&snapshot, request, now, mode, &self.nonces))
+        if let Some(max) = self.max_staleness {
+            let unconfirmed = self.sync.unconfirmed_for(now).unwrap_or(Duration::MAX);
+            if unconfirmed > max {
+                return Err(AuthzError::Stale {
+                    unconfirmed_ms: unconfirmed.as_millis().min(u64::MAX as u128) as u64,
+                    max_ms: max.as_millis() as u64,
+                });
+            }
+        }
+        let evaluation = {
+            let snapshot = policy.load();
+            self.engine.evaluate(&snapshot, request, now, mode)
+        };
+        let pending = match evaluation {
+            Evaluation::Decided(decision) => return Ok((decision, now)),
+            Evaluation::NonceRequired(pending) => pending,
+        };
+        let consume = mode == Mode::Enforce;
+        let fresh = match &self.nonces {
+            Nonces::Local(ledger) => ledger.claim(
+                pending.key_id(),
+                pending.nonce(),
+                pending.forget_after(),
+                now,
+                consume,
+            ),
+            Nonces::Shared { store, fallback } => {
+                let ttl = Duration::from_millis(
+                    pending.forget_after().0.saturating_sub(now.0).max(1) as u64,
+                );
+                match store
+                    .claim_nonce(pending.key_id(), pending.nonce(), ttl, consume)
+                    .await
+                {
+                    Ok(fresh) => fresh,
+                    Err(error) => match fallback {
+                        Some(ledger) => {
+                            tracing::warn!(%error, "nonce store unavailable; using this replica's ledger");
+                            ledger.claim(
+                                pending.key_id(),
+                                pending.nonce(),
+                                pending.forget_after(),
+                                now,
+                                consume,
+                            )
+                        }
+                        None => return Err(AuthzError::NonceStoreUnavailable(error.to_string())),
+                    },
+                }
+            }
+        };
+        Ok((pending.finish(fresh), now))
     }
 }

@@ -6,6 +6,7 @@ mod allowlist;
 mod check;
 mod client;
 mod keys;
+mod logs;
 mod output;
 
 use std::time::{Duration, SystemTime};
@@ -42,6 +43,13 @@ pub enum Command {
         client: ClientOptions,
         #[command(subcommand)]
         command: allowlist::AllowlistCommand,
+    },
+    /// Show a key's access log, newest first.
+    Logs {
+        #[command(flatten)]
+        client: ClientOptions,
+        #[command(flatten)]
+        args: logs::LogsArgs,
     },
     /// Dry-run a decision for a key and an IP ("test this key"); changes nothing.
     Check {
@@ -81,6 +89,7 @@ pub async fn run_admin(command: Command) -> Result<(), CliError> {
         Command::Keys { client, command } => keys::run(&client, command).await,
         Command::Allowlist { client, command } => allowlist::run(&client, command).await,
         Command::Check { client, args } => check::run(&client, args).await,
+        Command::Logs { client, args } => logs::run(&client, args).await,
     }
 }
 

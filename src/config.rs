@@ -11,9 +11,12 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::policy::{
-    ip::Cidr,
-    model::{Environment, Environments},
+use crate::{
+    access::{Retention, alerts::AlertConfig},
+    policy::{
+        ip::Cidr,
+        model::{Environment, Environments},
+    },
 };
 
 /// Flags and environment variables for `keyfence serve`. Every field is optional so that a value
@@ -66,6 +69,60 @@ pub struct ServeArgs {
     /// tells a caller holding the key where it would be accepted from. Default false.
     #[arg(long, env = "KEYFENCE_DETAILED_DENIALS_INCLUDE_ALLOWLIST", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub detailed_denials_include_allowlist: Option<bool>,
+    /// Use Redis as the store (redis://[user:password@]host:port/db) instead of the embedded one,
+    /// so that many replicas share one source of truth.
+    #[arg(long, env = "KEYFENCE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel, so several deployments can share one Redis.
+    /// Default keyfence.
+    #[arg(long, env = "KEYFENCE_REDIS_NAMESPACE")]
+    pub redis_namespace: Option<String>,
+    /// How often the change log is checked even without a notification, in milliseconds.
+    /// Default 1000.
+    #[arg(long, env = "KEYFENCE_SYNC_INTERVAL_MS")]
+    pub sync_interval_ms: Option<u64>,
+    /// Refuse to answer (UNAVAILABLE, so callers fail closed) when the policy has not been
+    /// confirmed against the store for this long, in milliseconds. Off by default: availability
+    /// over revocation.
+    #[arg(long, env = "KEYFENCE_MAX_STALENESS_MS")]
+    pub max_staleness_ms: Option<u64>,
+    /// With Redis down, remember nonces in this replica only instead of refusing signed requests
+    /// that carry one (a replay to another replica then goes unnoticed). Default false.
+    #[arg(long, env = "KEYFENCE_NONCE_FALLBACK_LOCAL")]
+    pub nonce_fallback_local: Option<bool>,
+    /// Keep a per-key access log of every decision. Default true.
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG")]
+    pub access_log: Option<bool>,
+    /// Access records waiting to be written; beyond this they are dropped and counted, never the
+    /// request. Default 65536.
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_QUEUE")]
+    pub access_log_queue: Option<usize>,
+    /// Access records kept per key. Default 10000.
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_MAX_RECORDS")]
+    pub access_log_max_records: Option<usize>,
+    /// Age after which access records are dropped, in seconds. Default 2592000 (30 days).
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_MAX_AGE_SECS")]
+    pub access_log_max_age_secs: Option<u64>,
+    /// Blocked attempts of one key in one window above which an alert is raised. Default 20.
+    #[arg(long, env = "KEYFENCE_ALERT_MAX_BLOCKED")]
+    pub alert_max_blocked: Option<u32>,
+    /// Distinct blocked addresses of one key in one window above which an alert is raised.
+    /// Default 5.
+    #[arg(long, env = "KEYFENCE_ALERT_MAX_DISTINCT_IPS")]
+    pub alert_max_distinct_ips: Option<u32>,
+    /// The alert window, in seconds (one alert per key per window). Default 60.
+    #[arg(long, env = "KEYFENCE_ALERT_WINDOW_SECS")]
+    pub alert_window_secs: Option<u64>,
+    /// POST alerts as JSON to this URL (with retries).
+    #[arg(long, env = "KEYFENCE_ALERT_WEBHOOK_URL")]
+    pub alert_webhook_url: Option<String>,
+    /// Serve Prometheus metrics at http://<addr>/metrics. Off by default.
+    #[arg(long, env = "KEYFENCE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export OpenTelemetry traces and metrics over OTLP/gRPC to this endpoint
+    /// (http://collector:4317). Nothing is exported when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -91,6 +148,21 @@ struct FileConfig {
     trust_x_real_ip: Option<bool>,
     detailed_denials: Option<bool>,
     detailed_denials_include_allowlist: Option<bool>,
+    redis_url: Option<String>,
+    redis_namespace: Option<String>,
+    sync_interval_ms: Option<u64>,
+    max_staleness_ms: Option<u64>,
+    nonce_fallback_local: Option<bool>,
+    access_log: Option<bool>,
+    access_log_queue: Option<usize>,
+    access_log_max_records: Option<usize>,
+    access_log_max_age_secs: Option<u64>,
+    alert_max_blocked: Option<u32>,
+    alert_max_distinct_ips: Option<u32>,
+    alert_window_secs: Option<u64>,
+    alert_webhook_url: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +200,38 @@ pub struct Config {
     pub trust_x_real_ip: bool,
     pub detailed_denials: bool,
     pub detailed_denials_include_allowlist: bool,
+    /// `None`: the embedded store in `data_dir`.
+    pub redis: Option<RedisConfig>,
+    pub sync_interval: Duration,
+    pub max_staleness: Option<Duration>,
+    pub access_log: AccessLogSettings,
+    pub metrics_listen: Option<SocketAddr>,
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogSettings {
+    pub enabled: bool,
+    pub queue_capacity: usize,
+    pub retention: Retention,
+    pub alerts: AlertConfig,
+}
+
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub namespace: String,
+    pub nonce_fallback_local: bool,
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        match (self.url.split_once("://"), self.url.rfind('@')) {
+            (Some((scheme, _)), Some(at)) => format!("{scheme}://<redacted>{}", &self.url[at..]),
+            _ => self.url.clone(),
+        }
+    }
 }
 
 impl Config {
@@ -150,7 +254,23 @@ impl Config {
             trust_x_real_ip,
             detailed_denials,
             detailed_denials_include_allowlist,
+            redis_url,
+            redis_namespace,
+            sync_interval_ms,
+            max_staleness_ms,
+            nonce_fallback_local,
+            access_log,
+            access_log_queue,
+            access_log_max_records,
+            access_log_max_age_secs,
+            alert_max_blocked,
+            alert_max_distinct_ips,
+            alert_window_secs,
+            alert_webhook_url,
+            metrics_listen,
+            otlp_endpoint,
         } = args;
+        let defaults = (Retention::default(), AlertConfig::default());
         let environment_names = environments
             .or(file.environments)
             .unwrap_or_else(|| vec!["production".into(), "sandbox".into()]);
@@ -185,6 +305,56 @@ impl Config {
             detailed_denials_include_allowlist: detailed_denials_include_allowlist
                 .or(file.detailed_denials_include_allowlist)
                 .unwrap_or(false),
+            redis: redis_url
+                .or(file.redis_url)
+                .filter(|u| !u.is_empty())
+                .map(|url| RedisConfig {
+                    url,
+                    namespace: redis_namespace
+                        .or(file.redis_namespace)
+                        .unwrap_or_else(|| "keyfence".into()),
+                    nonce_fallback_local: nonce_fallback_local
+                        .or(file.nonce_fallback_local)
+                        .unwrap_or(false),
+                }),
+            sync_interval: Duration::from_millis(
+                sync_interval_ms.or(file.sync_interval_ms).unwrap_or(1000),
+            ),
+            max_staleness: max_staleness_ms
+                .or(file.max_staleness_ms)
+                .map(Duration::from_millis),
+            access_log: AccessLogSettings {
+                enabled: access_log.or(file.access_log).unwrap_or(true),
+                queue_capacity: access_log_queue.or(file.access_log_queue).unwrap_or(65_536),
+                retention: Retention {
+                    max_records_per_key: access_log_max_records
+                        .or(file.access_log_max_records)
+                        .unwrap_or(defaults.0.max_records_per_key),
+                    max_age: access_log_max_age_secs
+                        .or(file.access_log_max_age_secs)
+                        .map(Duration::from_secs)
+                        .unwrap_or(defaults.0.max_age),
+                },
+                alerts: AlertConfig {
+                    max_blocked: alert_max_blocked
+                        .or(file.alert_max_blocked)
+                        .unwrap_or(defaults.1.max_blocked),
+                    max_distinct_ips: alert_max_distinct_ips
+                        .or(file.alert_max_distinct_ips)
+                        .unwrap_or(defaults.1.max_distinct_ips),
+                    window: alert_window_secs
+                        .or(file.alert_window_secs)
+                        .map(Duration::from_secs)
+                        .unwrap_or(defaults.1.window),
+                    webhook_url: alert_webhook_url
+                        .or(file.alert_webhook_url)
+                        .filter(|u| !u.is_empty()),
+                },
+            },
+            metrics_listen: metrics_listen.or(file.metrics_listen),
+            otlp_endpoint: otlp_endpoint
+                .or(file.otlp_endpoint)
+                .filter(|e| !e.is_empty()),
         };
         config.validate()?;
         Ok(config)
@@ -217,6 +387,57 @@ impl Config {
                 Err(ConfigError::Invalid {
                     setting: "detailed_denials_include_allowlist",
                     reason: "has no effect without detailed_denials".into(),
+                })
+            }
+            _ if self.sync_interval.is_zero() => Err(ConfigError::Invalid {
+                setting: "sync_interval_ms",
+                reason: "must be at least 1".into(),
+            }),
+            _ if self
+                .max_staleness
+                .is_some_and(|max| max <= self.sync_interval) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "max_staleness_ms",
+                    reason: format!(
+                        "must be longer than sync_interval_ms ({} ms), or every replica would stop between two checks",
+                        self.sync_interval.as_millis()
+                    ),
+                })
+            }
+            _ if self.redis.as_ref().is_some_and(|r| {
+                r.namespace.is_empty() || r.namespace.chars().any(|c| c.is_whitespace())
+            }) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "redis_namespace",
+                    reason: "must be non-empty and contain no white space".into(),
+                })
+            }
+            _ if self.access_log.queue_capacity == 0
+                || self.access_log.retention.max_records_per_key == 0 =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "access_log_queue / access_log_max_records",
+                    reason: "must be at least 1".into(),
+                })
+            }
+            _ if self.access_log.alerts.window.is_zero() => Err(ConfigError::Invalid {
+                setting: "alert_window_secs",
+                reason: "must be at least 1".into(),
+            }),
+            _ if self
+                .access_log
+                .alerts
+                .webhook_url
+                .as_ref()
+                .is_some_and(|url| {
+                    !(url.starts_with("http://") || url.starts_with("https://"))
+                }) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "alert_webhook_url",
+                    reason: "must be an http:// or https:// URL".into(),
                 })
             }
             _ => Ok(()),
@@ -252,6 +473,26 @@ impl fmt::Debug for Config {
                 "detailed_denials_include_allowlist",
                 &self.detailed_denials_include_allowlist,
             )
+            .field(
+                "store",
+                &match &self.redis {
+                    None => format!("embedded ({})", self.data_dir.display()),
+                    Some(redis) => format!(
+                        "redis {} namespace {:?} nonce_fallback_local {}",
+                        redis.redacted_url(),
+                        redis.namespace,
+                        redis.nonce_fallback_local
+                    ),
+                },
+            )
+            .field("sync_interval_ms", &self.sync_interval.as_millis())
+            .field(
+                "max_staleness_ms",
+                &self.max_staleness.map(|d| d.as_millis()),
+            )
+            .field("access_log", &self.access_log)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("otlp_endpoint", &self.otlp_endpoint)
             .finish()
     }
 }
@@ -464,6 +705,39 @@ mod tests {
             cli.serve.trusted_proxies.unwrap(),
             ["10.0.0.0/8", "192.0.2.0/24"]
         );
+    }
+
+    #[test]
+    fn redis_settings_and_redaction() {
+        let args = ServeArgs {
+            redis_url: Some("redis://:hunter2@127.0.0.1:6379/0".into()),
+            max_staleness_ms: Some(30_000),
+            ..Default::default()
+        };
+        let config = Config::resolve(args).unwrap();
+        let redis = config.redis.as_ref().unwrap();
+        assert_eq!(redis.namespace, "keyfence");
+        assert!(!redis.nonce_fallback_local, "fail closed by default");
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("127.0.0.1:6379"), "{printed}");
+        let too_tight = ServeArgs {
+            max_staleness_ms: Some(500),
+            ..Default::default()
+        };
+        assert!(Config::resolve(too_tight).is_err());
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/keyfence.toml");
+        let args = ServeArgs {
+            config: Some(path.into()),
+            ..Default::default()
+        };
+        let config = Config::resolve(args).unwrap();
+        assert_eq!(config.data_dir, std::path::Path::new("/var/lib/keyfence"));
+        assert_eq!(config.log_format, LogFormat::Json);
     }
 
     #[test]

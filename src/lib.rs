@@ -7,9 +7,12 @@
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
 //! - [`server`]: wires the above together and runs the listeners.
+//! - [`access`]: access logs, last-used times and blocked-attempt alerts, off the decision path.
+//! - [`telemetry`]: logs, OpenTelemetry export and Prometheus metrics.
 //! - [`cli`]: the admin command line, a client of the Admin service.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod authz;
 pub mod cli;
 pub mod config;
@@ -18,3 +21,4 @@ pub mod policy;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod telemetry;

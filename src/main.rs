@@ -1,14 +1,15 @@
 //! The `keyfence` binary: parses the command line, sets up logging, and either serves or runs an
 //! admin command against a running server.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use clap::Parser;
 use keyfence::{
     cli::{Cli, Command, run_admin},
-    config::{Config, LogFormat},
-    server,
+    config::Config,
+    server, telemetry,
+    telemetry::metrics::Metrics,
 };
 
 fn main() -> ExitCode {
@@ -23,10 +24,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(async {
             let config = Config::resolve(args).context("invalid configuration")?;
-            init_logging(config.log_format);
+            let telemetry = telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;
             tracing::info!(?config, "starting keyfence {}", env!("CARGO_PKG_VERSION"));
+            let metrics = Arc::new(Metrics::new(telemetry.meter()));
             let listeners = server::Listeners::bind(&config).await?;
-            server::run(config, listeners, shutdown_signal()).await?;
+            server::run(config, listeners, metrics, shutdown_signal()).await?;
+            drop(telemetry);
             Ok::<(), anyhow::Error>(())
         }),
         admin => runtime
@@ -39,19 +42,6 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod ops;
+pub mod redis;
 
 use async_trait::async_trait;
 
@@ -107,10 +108,12 @@ pub struct KeyPage {
     pub next_after: Option<KeyId>,
 }
 
-/// Edits a key in place; an error aborts the transaction.
-pub type KeyEdit = Box<dyn FnOnce(&mut KeyRecord) -> StoreResult<()> + Send>;
-/// Edits an allowlist in place; an error aborts the transaction.
-pub type AllowlistEdit = Box<dyn FnOnce(&mut Vec<AllowlistEntry>) -> StoreResult<()> + Send>;
+/// Edits a key in place; an error aborts the transaction. A backend with optimistic concurrency
+/// (Redis) may call it again on a fresh read when another writer got there first.
+pub type KeyEdit = Box<dyn Fn(&mut KeyRecord) -> StoreResult<()> + Send + Sync>;
+/// Edits an allowlist in place; an error aborts the transaction. May be called more than once,
+/// like [`KeyEdit`].
+pub type AllowlistEdit = Box<dyn Fn(&mut Vec<AllowlistEntry>) -> StoreResult<()> + Send + Sync>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -159,4 +162,18 @@ pub trait Store: Send + Sync + 'static {
         scope: &Scope,
         edit: AllowlistEdit,
     ) -> StoreResult<Committed<Vec<AllowlistEntry>>>;
+}
+
+/// Where nonces are remembered when replicas must share them.
+#[async_trait]
+pub trait NonceStore: Send + Sync + 'static {
+    /// Records `nonce` for `key` for `ttl` and answers whether it was fresh; with
+    /// `consume == false` it only answers.
+    async fn claim_nonce(
+        &self,
+        key: &KeyId,
+        nonce: &str,
+        ttl: std::time::Duration,
+        consume: bool,
+    ) -> StoreResult<bool>;
 }

@@ -2,22 +2,24 @@
 //!
 //! The store's change log is the truth; its notifications only say "look". [`PolicySync`]
 //! applies the changes after the snapshot's revision, recompiling only the scopes they name, and
-//! reloads everything when it cannot prove it saw every revision (the log has a gap). One task
-//! applies at a time, so snapshots are published in revision order.
+//! reloads everything when it cannot prove it saw every revision (the log has a gap). It also
+//! checks the log on a timer, and on demand ([`PolicySync::nudge`]), because notifications can be
+//! lost. One task applies at a time, so snapshots are published in revision order.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 
 use crate::{
     policy::{
-        model::Scope,
+        model::{Scope, UnixMillis},
         snapshot::{PolicySnapshot, SharedPolicy},
     },
     store::{ChangesSince, Store, StoreResult},
@@ -30,7 +32,19 @@ pub struct PolicySync {
     applied: watch::Sender<u64>,
     /// Serializes snapshot writers.
     apply_lock: Mutex<()>,
+    nudge: Notify,
+    /// When the snapshot was last confirmed current against the store.
+    confirmed_at: AtomicI64,
     full_reloads: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+/// What one catch-up did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUp {
+    UpToDate,
+    Applied { revision: u64 },
+    Reloaded { revision: u64 },
 }
 
 impl PolicySync {
@@ -40,7 +54,10 @@ impl PolicySync {
             policy,
             applied: watch::Sender::new(0),
             apply_lock: Mutex::new(()),
+            nudge: Notify::new(),
+            confirmed_at: AtomicI64::new(i64::MIN),
             full_reloads: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
         })
     }
 
@@ -48,18 +65,34 @@ impl PolicySync {
         &self.policy
     }
 
-    /// How many times everything was reloaded (the first load included).
+    /// How many times everything was loaded (the first load included).
     pub fn full_reloads(&self) -> u64 {
         self.full_reloads.load(Ordering::Relaxed)
     }
 
+    /// How many times changes were found that no notification had announced.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// How long ago the snapshot was last confirmed against the store; `None` if never.
+    pub fn unconfirmed_for(&self, now: UnixMillis) -> Option<Duration> {
+        let at = self.confirmed_at.load(Ordering::Relaxed);
+        (at != i64::MIN).then(|| Duration::from_millis(now.0.saturating_sub(at).max(0) as u64))
+    }
+
+    /// Asks the follower to check the change log now.
+    pub fn nudge(&self) {
+        self.nudge.notify_one();
+    }
+
     /// Loads and compiles everything.
-    pub async fn full_reload(&self) -> StoreResult<()> {
+    pub async fn full_reload(&self) -> StoreResult<u64> {
         let _guard = self.apply_lock.lock().await;
         self.full_reload_locked().await
     }
 
-    async fn full_reload_locked(&self) -> StoreResult<()> {
+    async fn full_reload_locked(&self) -> StoreResult<u64> {
         let started = std::time::Instant::now();
         let state = self.store.load_all().await?;
         let snapshot = PolicySnapshot::build(state.revision, state.keys, state.partner_lists);
@@ -73,32 +106,38 @@ impl PolicySync {
         );
         self.policy.publish(snapshot);
         self.full_reloads.fetch_add(1, Ordering::Relaxed);
+        self.confirmed_at
+            .store(UnixMillis::now().0, Ordering::Relaxed);
         self.applied.send_replace(revision);
-        Ok(())
+        Ok(revision)
     }
 
     /// Applies every change after the snapshot's revision.
-    pub async fn catch_up(&self) -> StoreResult<()> {
+    pub async fn catch_up(&self) -> StoreResult<CatchUp> {
         let _guard = self.apply_lock.lock().await;
         let current = self.policy.load_full();
         if !current.is_loaded() {
-            return self.full_reload_locked().await;
+            let revision = self.full_reload_locked().await?;
+            return Ok(CatchUp::Reloaded { revision });
         }
+        let checked_at = UnixMillis::now();
         let changes = match self.store.changes_since(current.revision()).await? {
             ChangesSince::Gap => {
                 tracing::warn!(
                     revision = current.revision(),
                     "change log gap; reloading everything"
                 );
-                return self.full_reload_locked().await;
+                let revision = self.full_reload_locked().await?;
+                return Ok(CatchUp::Reloaded { revision });
             }
             ChangesSince::Changes(changes) => changes,
         };
         let Some(last) = changes.last().map(|c| c.revision) else {
-            return Ok(());
+            self.confirmed_at.store(checked_at.0, Ordering::Relaxed);
+            return Ok(CatchUp::UpToDate);
         };
         let mut next = PolicySnapshot::clone(&current);
-        let mut done = std::collections::HashSet::new();
+        let mut done = HashSet::new();
         for change in changes {
             if !done.insert(change.scope.clone()) {
                 continue;
@@ -118,21 +157,38 @@ impl PolicySync {
         }
         next.set_revision(last);
         self.policy.publish(next);
+        self.confirmed_at.store(checked_at.0, Ordering::Relaxed);
         self.applied.send_replace(last);
-        tracing::debug!(revision = last, "policy snapshot updated");
-        Ok(())
+        tracing::debug!(
+            revision = last,
+            scopes = done.len(),
+            "policy snapshot updated"
+        );
+        Ok(CatchUp::Applied { revision: last })
     }
 
     /// Waits until the published snapshot reaches `revision`; false on timeout.
     pub async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> bool {
         let mut applied = self.applied.subscribe();
-        tokio::time::timeout(timeout, applied.wait_for(|r| *r >= revision))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let policy = self.policy.clone();
+        tokio::time::timeout(
+            timeout,
+            applied.wait_for(|r| *r >= revision && policy.load().is_loaded()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 
-    /// Follows the store until `shutdown` resolves: on every notification, and every
-    /// `check_interval` in case one was missed.
+    /// Waits until the first full load.
+    pub async fn wait_until_loaded(&self) {
+        let mut applied = self.applied.subscribe();
+        let policy = self.policy.clone();
+        let _ = applied.wait_for(|_| policy.load().is_loaded()).await;
+    }
+
+    /// Follows the store until `shutdown` resolves: on every notification, on every nudge, and
+    /// every `check_interval` in case a notification was lost. Store errors keep the last
+    /// snapshot and are retried on the next wake.
     pub async fn run(
         self: Arc<Self>,
         check_interval: Duration,
@@ -147,14 +203,31 @@ impl PolicySync {
                 _ = &mut shutdown => return,
                 changed = hints.changed() => {
                     if changed.is_err() {
-                        // The store dropped its sender; keep polling.
+                        // The store dropped its sender; keep polling on the timer.
                         hints = self.store.watch();
+                        ticker.tick().await;
                     }
                 }
+                _ = self.nudge.notified() => {}
                 _ = ticker.tick() => {}
             }
-            if let Err(error) = self.catch_up().await {
-                tracing::warn!(%error, "policy sync failed; keeping the last snapshot");
+            let announced = *hints.borrow_and_update();
+            match self.catch_up().await {
+                Ok(CatchUp::Applied { revision }) if revision > announced => {
+                    self.resyncs.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        revision,
+                        announced,
+                        "resynced changes no notification announced"
+                    );
+                }
+                Ok(CatchUp::Reloaded { revision }) => {
+                    tracing::info!(revision, "resynced by a full reload");
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "policy sync failed; deciding from the last snapshot");
+                }
             }
         }
     }

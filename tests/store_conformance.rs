@@ -343,6 +343,116 @@ fn embedded() -> (Arc<dyn Store>, tempfile::TempDir) {
 
 conformance!(embedded_store, embedded());
 
+#[path = "common/redis.rs"]
+mod redis_server;
+
+fn redis() -> (Arc<dyn Store>, redis_server::RedisServer) {
+    let server = redis_server::RedisServer::start();
+    let store = keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+        url: server.url(),
+        namespace: "conformance".into(),
+        change_log_len: 100,
+    })
+    .unwrap();
+    (store, server)
+}
+
+conformance!(redis_store, redis());
+
+#[tokio::test]
+async fn redis_change_log_reports_a_gap_past_its_length() {
+    let server = redis_server::RedisServer::start();
+    let store = keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+        url: server.url(),
+        namespace: "gap".into(),
+        change_log_len: 20,
+    })
+    .unwrap();
+    store
+        .insert_key(record("key_a", "acme", "production"), vec![])
+        .await
+        .unwrap();
+    for _ in 0..25 {
+        store
+            .modify_key(&"key_a".parse().unwrap(), Box::new(|_| Ok(())))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.changes_since(1).await.unwrap(), ChangesSince::Gap);
+    let ChangesSince::Changes(recent) = store.changes_since(15).await.unwrap() else {
+        panic!("recent changes are kept")
+    };
+    assert_eq!(recent.len(), 11);
+}
+
+#[tokio::test]
+async fn redis_namespaces_do_not_see_each_other() {
+    let server = redis_server::RedisServer::start();
+    let open = |ns: &str| {
+        keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+            url: server.url(),
+            namespace: ns.into(),
+            change_log_len: 100,
+        })
+        .unwrap()
+    };
+    let (blue, green) = (open("blue"), open("green"));
+    blue.insert_key(record("key_a", "acme", "production"), vec![])
+        .await
+        .unwrap();
+    assert!(matches!(
+        green.get_key(&"key_a".parse().unwrap()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(green.load_all().await.unwrap().revision, 0);
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast_and_recovers() {
+    let mut server = redis_server::RedisServer::start();
+    let store = keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+        url: server.url(),
+        namespace: "down".into(),
+        change_log_len: 100,
+    })
+    .unwrap();
+    store
+        .insert_key(record("key_a", "acme", "production"), vec![])
+        .await
+        .unwrap();
+    server.kill();
+    let started = std::time::Instant::now();
+    let result = store
+        .insert_key(record("key_b", "acme", "production"), vec![])
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "failed fast: {:?}",
+        started.elapsed()
+    );
+    server.restart();
+    let mut recovered = None;
+    for _ in 0..100 {
+        if let Ok(record) = store.get_key(&"key_a".parse().unwrap()).await {
+            recovered = Some(record);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered.is_some(),
+        "the store reconnected and the data survived the restart"
+    );
+    store
+        .insert_key(record("key_b", "acme", "production"), vec![])
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn embedded_store_survives_reopen_and_is_private() {
     let dir = tempfile::tempdir().unwrap();

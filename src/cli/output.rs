@@ -116,6 +116,8 @@ pub fn key_json(key: &pb::ApiKey) -> Value {
         "updated_by": key.updated_by,
         "previous_secret_expires_at": json_time(&key.previous_secret_expires_at),
         "rate_limit": key.rate_limit.as_ref().map(|r| json!({"requests_per_second": r.requests_per_second, "burst": r.burst})),
+        "last_used_at": json_time(&key.last_used_at),
+        "last_used_ip": (!key.last_used_ip.is_empty()).then_some(&key.last_used_ip),
     })
 }
 
@@ -154,6 +156,7 @@ pub fn key_fields(key: &pb::ApiKey) {
             format!("{} by {}", time(&key.updated_at), key.updated_by),
         ),
         ("old secret until", time(&key.previous_secret_expires_at)),
+        ("last used", last_used(key)),
     ]);
 }
 
@@ -173,10 +176,18 @@ pub fn key_row(key: &pb::ApiKey) -> Vec<String> {
         .into(),
         scheme_name(key.signature_scheme).into(),
         time(&key.expires_at),
+        last_used(key),
     ]
 }
 
-pub const KEY_HEADER: [&str; 9] = [
+fn last_used(key: &pb::ApiKey) -> String {
+    match &key.last_used_at {
+        Some(_) => format!("{} from {}", time(&key.last_used_at), key.last_used_ip),
+        None => "never".into(),
+    }
+}
+
+pub const KEY_HEADER: [&str; 10] = [
     "ID",
     "PARTNER",
     "ENV",
@@ -186,6 +197,7 @@ pub const KEY_HEADER: [&str; 9] = [
     "ALLOWLIST",
     "SIGNATURE",
     "EXPIRES",
+    "LAST USED",
 ];
 
 pub fn entry_json(entry: &pb::AllowlistEntry) -> Value {

@@ -18,7 +18,8 @@ use super::{
     status::invalid,
 };
 use crate::{
-    authz::Decider,
+    access::{AccessLogStore, AccessQuery, AccessRecord, Frontend},
+    authz::{Decider, Origin},
     policy::{
         allowlist::EntrySource,
         decision::{AuthzRequest, KeySelector, Mode},
@@ -37,6 +38,7 @@ const MAX_PAGE_SIZE: u32 = 1000;
 
 pub struct AdminService {
     store: Arc<dyn Store>,
+    access_log: Arc<dyn AccessLogStore>,
     decider: Arc<Decider>,
     environments: Environments,
     /// How long a mutation waits for this replica's snapshot to include it.
@@ -46,12 +48,14 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(
         store: Arc<dyn Store>,
+        access_log: Arc<dyn AccessLogStore>,
         decider: Arc<Decider>,
         environments: Environments,
         visibility_wait: Duration,
     ) -> AdminService {
         AdminService {
             store,
+            access_log,
             decider,
             environments,
             visibility_wait,
@@ -72,6 +76,24 @@ impl AdminService {
             );
         }
         committed
+    }
+
+    /// Keys as the API shows them, with their last use.
+    async fn api_keys(&self, records: &[KeyRecord]) -> Result<Vec<pb::ApiKey>, Status> {
+        let ids: Vec<KeyId> = records.iter().map(|r| r.id.clone()).collect();
+        let last_used = self.access_log.last_used(&ids).await?;
+        Ok(records
+            .iter()
+            .zip(last_used)
+            .map(|(record, last)| {
+                let mut key = convert::api_key(record);
+                if let Some(last) = last {
+                    key.last_used_at = Some(convert::timestamp(last.at));
+                    key.last_used_ip = last.client_ip;
+                }
+                key
+            })
+            .collect())
     }
 
     fn audit<T>(request: &Request<T>) -> Result<Audit, Status> {
@@ -201,7 +223,7 @@ impl Admin for AdminService {
         let id = key_id("key_id", &request.get_ref().key_id)?;
         let record = self.store.get_key(&id).await?;
         Ok(Response::new(pb::GetKeyResponse {
-            key: Some(convert::api_key(&record)),
+            key: self.api_keys(std::slice::from_ref(&record)).await?.pop(),
         }))
     }
 
@@ -245,7 +267,7 @@ impl Admin for AdminService {
             .list_keys(&filter, after.as_ref(), page_size as usize)
             .await?;
         Ok(Response::new(pb::ListKeysResponse {
-            keys: page.keys.iter().map(convert::api_key).collect(),
+            keys: self.api_keys(&page.keys).await?,
             next_page_token: page.next_after.map(String::from).unwrap_or_default(),
         }))
     }
@@ -292,8 +314,8 @@ impl Admin for AdminService {
                 &id,
                 Box::new(move |record| {
                     ops::ensure_not_revoked(record)?;
-                    if let Some(name) = name {
-                        record.name = name;
+                    if let Some(name) = &name {
+                        record.name = name.clone();
                     }
                     if let Some(enabled) = enabled {
                         record.status = if enabled {
@@ -314,7 +336,7 @@ impl Admin for AdminService {
                     if let Some(rate_limit) = rate_limit {
                         record.rate_limit = rate_limit;
                     }
-                    ops::touch(record, edit_audit);
+                    ops::touch(record, edit_audit.clone());
                     Ok(())
                 }),
             )
@@ -341,7 +363,7 @@ impl Admin for AdminService {
                 Box::new(move |record| {
                     record.status = KeyStatus::Revoked;
                     record.previous_secret = None;
-                    ops::touch(record, edit_audit);
+                    ops::touch(record, edit_audit.clone());
                     Ok(())
                 }),
             )
@@ -383,8 +405,8 @@ impl Admin for AdminService {
                         valid_until: edit_audit.at.saturating_add_secs(grace),
                     });
                     record.secret_hash = hash;
-                    record.display_prefix = prefix;
-                    ops::touch(record, edit_audit);
+                    record.display_prefix = prefix.clone();
+                    ops::touch(record, edit_audit.clone());
                     Ok(())
                 }),
             )
@@ -427,7 +449,10 @@ impl Admin for AdminService {
         let count = added.len();
         let committed = self
             .store
-            .modify_allowlist(&scope, Box::new(move |list| ops::add_entries(list, added)))
+            .modify_allowlist(
+                &scope,
+                Box::new(move |list| ops::add_entries(list, added.clone())),
+            )
             .await?;
         let committed = self.visible(committed).await;
         tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries added");
@@ -453,7 +478,7 @@ impl Admin for AdminService {
             .store
             .modify_allowlist(
                 &scope,
-                Box::new(move |list| ops::replace_entries(list, replacement)),
+                Box::new(move |list| ops::replace_entries(list, replacement.clone())),
             )
             .await?;
         let committed = self.visible(committed).await;
@@ -516,7 +541,14 @@ impl Admin for AdminService {
             client_ip: &request.client_ip,
             signature: signed_request(request.signature.as_ref())?,
         };
-        let decision = self.decider.decide(&question, 0, Mode::DryRun).await?;
+        let origin = Origin {
+            frontend: Frontend::Authorize,
+            endpoint: None,
+        };
+        let decision = self
+            .decider
+            .decide(&question, 0, Mode::DryRun, origin)
+            .await?;
         let key = decision.key.as_deref();
         let matched_entry = match (key, decision.matched) {
             (Some(key), Some(matched)) => {
@@ -550,5 +582,80 @@ impl Admin for AdminService {
             policy_revision: decision.revision,
             would_deny: decision.would_deny.is_some(),
         }))
+    }
+
+    async fn list_access_logs(
+        &self,
+        request: Request<pb::ListAccessLogsRequest>,
+    ) -> Result<Response<pb::ListAccessLogsResponse>, Status> {
+        let request = request.into_inner();
+        let key_id = key_id("key_id", &request.key_id)?;
+        self.store.get_key(&key_id).await?;
+        let limit = match request.limit {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(invalid("limit", format!("must be at most {MAX_PAGE_SIZE}")));
+            }
+            n => n,
+        };
+        let instant = |field: &str, t: Option<prost_types::Timestamp>| {
+            t.map(|t| convert::instant(field, &t)).transpose()
+        };
+        let query = AccessQuery {
+            key_id,
+            limit: limit as usize,
+            blocked_only: request.blocked_only,
+            since: instant("since", request.since)?,
+            until: instant("until", request.until)?,
+            page_token: (!request.page_token.is_empty()).then_some(request.page_token),
+        };
+        if let (Some(since), Some(until)) = (query.since, query.until)
+            && since > until
+        {
+            return Err(invalid("since", "is after until"));
+        }
+        let page = self.access_log.list(&query).await?;
+        Ok(Response::new(pb::ListAccessLogsResponse {
+            entries: page.records.iter().map(access_entry).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+}
+
+fn access_entry(record: &AccessRecord) -> pb::AccessLogEntry {
+    let reason = record.reason.as_deref().and_then(|name| {
+        crate::policy::decision::DenyReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    });
+    pb::AccessLogEntry {
+        time: Some(convert::timestamp(record.at)),
+        key_id: record
+            .key_id
+            .as_ref()
+            .map(|k| k.to_string())
+            .unwrap_or_default(),
+        partner_id: record
+            .partner_id
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        environment: record
+            .environment
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_default(),
+        client_ip: record.client_ip.clone(),
+        decision: if record.allowed {
+            pb::Decision::Allow
+        } else {
+            pb::Decision::Deny
+        } as i32,
+        reason: convert::deny_reason(reason) as i32,
+        would_deny: record.would_deny,
+        method: record.method.clone().unwrap_or_default(),
+        path: record.path.clone().unwrap_or_default(),
+        matched_cidr: record.matched_cidr.clone().unwrap_or_default(),
+        source: record.frontend.as_str().to_owned(),
     }
 }

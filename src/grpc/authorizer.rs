@@ -10,7 +10,8 @@ use super::{
     status::invalid,
 };
 use crate::{
-    authz::{AuthzError, Decider},
+    access::Frontend,
+    authz::{AuthzError, Decider, Origin},
     policy::{
         decision::{AuthzRequest, Decision, KeySelector, Mode},
         signature::SignedRequest,
@@ -88,9 +89,17 @@ impl Authorizer for AuthorizerService {
             client_ip: &request.client_ip,
             signature: signed_request(request.signature.as_ref())?,
         };
+        let origin = Origin {
+            frontend: Frontend::Authorize,
+            endpoint: request
+                .signature
+                .as_ref()
+                .filter(|s| !s.method.is_empty() || !s.path.is_empty())
+                .map(|s| (s.method.as_str(), s.path.as_str())),
+        };
         let decision = self
             .decider
-            .decide(&question, request.min_revision, Mode::Enforce)
+            .decide(&question, request.min_revision, Mode::Enforce, origin)
             .await?;
         record_decision(&decision);
         Ok(Response::new(authorize_response(&decision)))

@@ -31,6 +31,19 @@ pub fn optional_timestamp(at: Option<UnixMillis>) -> Option<Timestamp> {
     at.map(timestamp)
 }
 
+/// Any valid timestamp.
+pub fn instant(field: &str, value: &Timestamp) -> Result<UnixMillis, Status> {
+    if !(0..1_000_000_000).contains(&value.nanos) {
+        return Err(invalid(field, "nanos must be within 0..1e9"));
+    }
+    value
+        .seconds
+        .checked_mul(1000)
+        .and_then(|ms| ms.checked_add(i64::from(value.nanos / 1_000_000)))
+        .map(UnixMillis)
+        .ok_or_else(|| invalid(field, "is out of range"))
+}
+
 /// A timestamp that must lie in the future (an expiry).
 pub fn future_instant(
     field: &str,
@@ -208,6 +221,8 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
             requests_per_second: r.requests_per_second,
             burst: r.burst,
         }),
+        last_used_at: None,
+        last_used_ip: String::new(),
     }
 }
 

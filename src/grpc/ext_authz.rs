@@ -104,7 +104,15 @@ impl ExtAuthzService {
         };
         let decision = match self
             .decider
-            .decide(&engine_question, 0, Mode::Enforce)
+            .decide(
+                &engine_question,
+                0,
+                Mode::Enforce,
+                crate::authz::Origin {
+                    frontend: crate::access::Frontend::EnvoyCheck,
+                    endpoint: question.endpoint,
+                },
+            )
             .await
         {
             Ok(decision) => decision,
@@ -191,6 +199,8 @@ struct Question<'a> {
     key_from: KeyHeader,
     origin: Origin<'a>,
     signature: Option<SignedRequest<'a>>,
+    /// HTTP method and path, for the access log.
+    endpoint: Option<(&'a str, &'a str)>,
 }
 
 impl std::fmt::Debug for Question<'_> {
@@ -248,6 +258,7 @@ fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
         key_from,
         origin,
         signature,
+        endpoint: http.map(|h| (h.method.as_str(), h.path.as_str())),
     })
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod redis;
 
 use std::{
     io::{BufRead, BufReader},
@@ -24,6 +25,8 @@ pub struct Server {
     child: Child,
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Set when started with `--metrics-listen`.
+    pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Keeps the temporary directory alive when the server made it.
     _temp: Option<tempfile::TempDir>,
@@ -32,14 +35,23 @@ pub struct Server {
 impl Server {
     /// A server with a fresh data directory.
     pub fn start(extra_args: &[&str]) -> Server {
+        Server::start_with_env(extra_args, &[])
+    }
+
+    /// A server with a fresh data directory and extra environment variables.
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let temp = tempfile::tempdir().expect("temp dir");
-        let mut server = Server::start_in(temp.path(), extra_args);
+        let mut server = Server::launch(temp.path(), extra_args, env);
         server._temp = Some(temp);
         server
     }
 
     /// A server on an existing data directory (to restart on the same data).
     pub fn start_in(data_dir: &Path, extra_args: &[&str]) -> Server {
+        Server::launch(data_dir, extra_args, &[])
+    }
+
+    fn launch(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -52,7 +64,9 @@ impl Server {
             .arg(data_dir.join("data"))
             .args(extra_args)
             .env_remove("KEYFENCE_ADMIN_TOKEN")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -76,16 +90,18 @@ impl Server {
                 panic!("keyfence did not become ready within 30 s; its log:\n{log}");
             }
         };
-        let addr = |name: &str| -> SocketAddr {
+        let find = |name: &str| -> Option<SocketAddr> {
             ready
                 .split_whitespace()
                 .find_map(|part| part.strip_prefix(&format!("{name}=")))
                 .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} address in {ready:?}"))
         };
+        let addr =
+            |name: &str| find(name).unwrap_or_else(|| panic!("no {name} address in {ready:?}"));
         Server {
             data_addr: addr("data"),
             admin_addr: addr("admin"),
+            metrics_addr: find("metrics"),
             child,
             data_dir: data_dir.to_owned(),
             _temp: None,
@@ -114,6 +130,31 @@ impl Server {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// The Prometheus text from `/metrics` (the server must run with `--metrics-listen`).
+    pub async fn metrics_text(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.expect("started with --metrics-listen");
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect to metrics");
+        stream
+            .write_all(
+                format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {

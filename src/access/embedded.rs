@@ -1,0 +1,292 @@
+//! Access logs on disk beside the embedded store: `access.redb` in the data directory, separate
+//! from the policy file so that a busy log never slows a policy write.
+//!
+//! The writer hands over records in batches, so the log stores one *block* per key per batch:
+//! rows keyed (key id, order) with order = `u64::MAX - (millis << 20 | counter)`, so a forward scan
+//! of one key is newest first; a block's value is its record count (4 bytes) and the records,
+//! newest first, in postcard. A per-key count row makes trimming by count a walk from the oldest
+//! end (the oldest block is rewritten when only part of it must go), and trimming by age a range
+//! delete: no batch ever rescans a key's whole log.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
+
+use super::{AccessLogStore, AccessPage, AccessQuery, AccessRecord, LastUse, Retention};
+use crate::{
+    policy::model::{KeyId, UnixMillis},
+    store::{StoreError, StoreResult},
+};
+
+const BLOCKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("access_blocks");
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("access_counts");
+const LAST_USED: TableDefinition<&str, &[u8]> = TableDefinition::new("last_used");
+const FILE: &str = "access.redb";
+const COUNTER_BITS: u32 = 20;
+
+pub struct EmbeddedAccessLog {
+    db: Arc<Database>,
+    counter: AtomicU64,
+}
+
+impl EmbeddedAccessLog {
+    pub fn open(data_dir: &Path) -> StoreResult<EmbeddedAccessLog> {
+        let path = data_dir.join(FILE);
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(BLOCKS).map_err(unavailable)?;
+        txn.open_table(COUNTS).map_err(unavailable)?;
+        txn.open_table(LAST_USED).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        Ok(EmbeddedAccessLog {
+            db: Arc::new(db),
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    fn order(&self, at: UnixMillis) -> u64 {
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed) & ((1 << COUNTER_BITS) - 1);
+        u64::MAX - (((at.0.max(0) as u64) << COUNTER_BITS) | counter)
+    }
+}
+
+/// The smallest order a block started at or before `at` can have.
+fn first_order_at_or_before(at: UnixMillis) -> u64 {
+    u64::MAX - (((at.0.max(0) as u64) << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1))
+}
+
+fn encode_block(records: &[AccessRecord]) -> StoreResult<Vec<u8>> {
+    let mut out = (records.len() as u32).to_le_bytes().to_vec();
+    out.extend(postcard::to_stdvec(records).map_err(corrupt)?);
+    Ok(out)
+}
+
+fn block_count(bytes: &[u8]) -> StoreResult<u64> {
+    let prefix: [u8; 4] = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt("short access block".into()))?;
+    Ok(u64::from(u32::from_le_bytes(prefix)))
+}
+
+fn decode_block(bytes: &[u8]) -> StoreResult<Vec<AccessRecord>> {
+    postcard::from_bytes(&bytes[4..]).map_err(corrupt)
+}
+
+/// Deletes the oldest records of `key` until at most `keep` remain; returns how many remain.
+fn trim_to(
+    blocks: &mut Table<(&str, u64), &[u8]>,
+    key: &str,
+    mut count: u64,
+    keep: u64,
+) -> StoreResult<u64> {
+    while count > keep {
+        let Some(oldest) = blocks
+            .range((key, 0)..=(key, u64::MAX))
+            .map_err(unavailable)?
+            .next_back()
+            .transpose()
+            .map_err(unavailable)?
+            .map(|(k, v)| (k.value().1, v.value().to_vec()))
+        else {
+            return Ok(0);
+        };
+        let (order, bytes) = oldest;
+        let in_block = block_count(&bytes)?;
+        let excess = count - keep;
+        if in_block <= excess {
+            blocks.remove((key, order)).map_err(unavailable)?;
+            count -= in_block;
+        } else {
+            let mut records = decode_block(&bytes)?;
+            records.truncate((in_block - excess) as usize);
+            blocks
+                .insert((key, order), encode_block(&records)?.as_slice())
+                .map_err(unavailable)?;
+            count -= excess;
+        }
+    }
+    Ok(count)
+}
+
+#[async_trait]
+impl AccessLogStore for EmbeddedAccessLog {
+    async fn append(&self, records: Vec<AccessRecord>, retention: Retention) -> StoreResult<()> {
+        // One block per key, newest record first.
+        let mut by_key: BTreeMap<String, Vec<AccessRecord>> = BTreeMap::new();
+        for record in records {
+            if let Some(key) = &record.key_id {
+                by_key.entry(key.to_string()).or_default().push(record);
+            }
+        }
+        let mut blocks_in = Vec::with_capacity(by_key.len());
+        for (key, mut records) in by_key {
+            records.sort_by_key(|r| std::cmp::Reverse(r.at));
+            let order = self.order(records[0].at);
+            blocks_in.push((key, order, records.len() as u64, encode_block(&records)?));
+        }
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut blocks = txn.open_table(BLOCKS).map_err(unavailable)?;
+                let mut counts = txn.open_table(COUNTS).map_err(unavailable)?;
+                let cutoff =
+                    UnixMillis::now().saturating_add_secs(-(retention.max_age.as_secs() as i64));
+                let too_old = first_order_at_or_before(UnixMillis(cutoff.0 - 1));
+                for (key, order, added, bytes) in &blocks_in {
+                    let key = key.as_str();
+                    blocks
+                        .insert((key, *order), bytes.as_slice())
+                        .map_err(unavailable)?;
+                    let mut count = counts
+                        .get(key)
+                        .map_err(unavailable)?
+                        .map_or(0, |v| v.value())
+                        + added;
+                    // Blocks that started before the age limit.
+                    let expired: Vec<(u64, u64)> = blocks
+                        .range((key, too_old)..=(key, u64::MAX))
+                        .map_err(unavailable)?
+                        .map(|row| {
+                            let (k, v) = row.map_err(unavailable)?;
+                            Ok((k.value().1, block_count(v.value())?))
+                        })
+                        .collect::<StoreResult<_>>()?;
+                    for (old, in_block) in expired {
+                        blocks.remove((key, old)).map_err(unavailable)?;
+                        count = count.saturating_sub(in_block);
+                    }
+                    let count = trim_to(
+                        &mut blocks,
+                        key,
+                        count,
+                        retention.max_records_per_key as u64,
+                    )?;
+                    counts.insert(key, count).map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn list(&self, query: &AccessQuery) -> StoreResult<AccessPage> {
+        let query = query.clone();
+        let db = self.db.clone();
+        blocking(move || {
+            // A token is "<block order>:<records of that block already returned>".
+            let (start_block, mut skip) = match &query.page_token {
+                Some(token) => token
+                    .split_once(':')
+                    .and_then(|(order, skip)| {
+                        Some((order.parse::<u64>().ok()?, skip.parse::<usize>().ok()?))
+                    })
+                    .ok_or_else(|| {
+                        StoreError::rejected("page_token", "is not a token this server issued")
+                    })?,
+                None => (0, 0),
+            };
+            let txn = db.begin_read().map_err(unavailable)?;
+            let blocks = txn.open_table(BLOCKS).map_err(unavailable)?;
+            let key = query.key_id.as_str();
+            let mut page = AccessPage::default();
+            for row in blocks
+                .range((key, start_block)..=(key, u64::MAX))
+                .map_err(unavailable)?
+            {
+                let (k, v) = row.map_err(unavailable)?;
+                let order = k.value().1;
+                let records = decode_block(v.value())?;
+                let skipped = if order == start_block {
+                    std::mem::take(&mut skip)
+                } else {
+                    0
+                };
+                for (index, record) in records.into_iter().enumerate().skip(skipped) {
+                    if query.since.is_some_and(|since| record.at < since) {
+                        return Ok(page);
+                    }
+                    if query.until.is_some_and(|until| record.at > until)
+                        || query.blocked_only && record.allowed
+                    {
+                        continue;
+                    }
+                    page.records.push(record);
+                    if page.records.len() == query.limit {
+                        page.next_page_token = Some(format!("{order}:{}", index + 1));
+                        return Ok(page);
+                    }
+                }
+            }
+            Ok(page)
+        })
+        .await
+    }
+
+    async fn record_last_used(&self, uses: Vec<(KeyId, LastUse)>) -> StoreResult<()> {
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write().map_err(unavailable)?;
+            {
+                let mut table = txn.open_table(LAST_USED).map_err(unavailable)?;
+                for (id, last) in &uses {
+                    let newer = match table.get(id.as_str()).map_err(unavailable)? {
+                        Some(existing) => serde_json::from_slice::<LastUse>(existing.value())
+                            .map_or(true, |e| e.at <= last.at),
+                        None => true,
+                    };
+                    if newer {
+                        let json = serde_json::to_vec(last).map_err(corrupt)?;
+                        table
+                            .insert(id.as_str(), json.as_slice())
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
+            txn.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn last_used(&self, ids: &[KeyId]) -> StoreResult<Vec<Option<LastUse>>> {
+        let ids = ids.to_vec();
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(LAST_USED).map_err(unavailable)?;
+            ids.iter()
+                .map(|id| match table.get(id.as_str()).map_err(unavailable)? {
+                    Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(corrupt),
+                    None => Ok(None),
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn corrupt(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(error.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("access log task failed: {e}")))?
+}
