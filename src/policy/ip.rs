@@ -7,13 +7,9 @@
 //! never dodge an IPv4 entry. `ipnet`'s own parser is deliberately not used: it accepts
 //! `010.1.1.1/32` and `/08`.
 
-use std::{
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    str::FromStr,
-};
+use std::{fmt, net::IpAddr, str::FromStr};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net};
 
 /// Why a client address or an allowlist entry was rejected. Messages are meant for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,16 +176,6 @@ fn fold_mapped_net(net: IpNet) -> IpNet {
         },
         other => other,
     }
-}
-
-/// The IPv4 part of an allowlist: used by the compiled trie.
-pub(crate) fn v4_parts(net: Ipv4Net) -> (Ipv4Addr, u32) {
-    (net.network(), u32::from(net.prefix_len()))
-}
-
-/// The IPv6 part of an allowlist: used by the compiled trie.
-pub(crate) fn v6_parts(net: Ipv6Net) -> (Ipv6Addr, u32) {
-    (net.network(), u32::from(net.prefix_len()))
 }
 
 #[cfg(test)]
