@@ -213,7 +213,12 @@ pub fn start(
     (recorder, task)
 }
 
-const BATCH: usize = 1024;
+/// Records written per store call.
+const BATCH: usize = 4096;
+/// Once a record arrives, how long the writer lets more gather before writing. Batching by time
+/// keeps the per-write costs (a transaction, a round trip) off every record, and lets the
+/// decision path's `try_send` usually find no writer to wake.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
 async fn write_loop(
     mut queue: mpsc::Receiver<AccessEvent>,
@@ -235,6 +240,14 @@ async fn write_loop(
             received = queue.recv_many(&mut events, BATCH) => {
                 if received == 0 {
                     stopping = true;
+                } else if received < BATCH {
+                    tokio::time::sleep(GATHER).await;
+                    while events.len() < BATCH {
+                        match queue.try_recv() {
+                            Ok(event) => events.push(event),
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
             _ = flush.tick() => flush_now = true,
