@@ -3,15 +3,15 @@
 //! Recording never slows or blocks a decision: the decision path builds a small [`AccessEvent`]
 //! (reference-counted key, copied address and reason) and offers it to a bounded queue; a full
 //! queue drops the event and counts it. One writer task drains the queue in batches: it turns
-//! events into [`AccessRecord`]s, appends them to the log store (embedded file or Redis streams),
+//! events into per-key [`Entry`] lists, appends them to the log store (embedded file or Redis streams),
 //! keeps last-used times (flushed every few seconds, not per request) and feeds the alert
-//! detector. Invariant: the decision path never awaits anything here.
+//! detector. Records are grouped per key, so a key's identity is written once per batch. Invariant: the decision path never awaits anything here.
 
 pub mod alerts;
 pub mod embedded;
 pub mod redis;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 
 use crate::{
     policy::{
-        decision::{Decision, Verdict},
-        ip::ClientIp,
+        decision::{Decision, DenyReason, Verdict},
+        ip::{Cidr, ClientIp},
         model::{Environment, KeyId, PartnerId, UnixMillis},
         snapshot::CompiledKey,
     },
@@ -52,9 +52,9 @@ pub struct AccessEvent {
     pub key: Option<Arc<CompiledKey>>,
     pub client_ip: Option<ClientIp>,
     pub allowed: bool,
-    pub reason: Option<&'static str>,
+    pub reason: Option<DenyReason>,
     pub would_deny: bool,
-    pub matched: Option<crate::policy::ip::Cidr>,
+    pub matched: Option<Cidr>,
     /// Method and path, when the front end knows them.
     pub endpoint: Option<(String, String)>,
 }
@@ -72,7 +72,7 @@ impl AccessEvent {
             key: decision.key.clone(),
             client_ip: decision.client_ip,
             allowed: decision.verdict == Verdict::Allow,
-            reason: decision.reason().map(|r| r.as_str()),
+            reason: decision.reason(),
             would_deny: decision.would_deny.is_some(),
             matched: decision.matched.map(|m| m.cidr),
             endpoint: endpoint.map(|(m, p)| (m.to_owned(), p.to_owned())),
@@ -80,44 +80,81 @@ impl AccessEvent {
     }
 }
 
-/// One access-log line as stored and listed.
+/// Whose records these are; stored once per key per batch, not per record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccessRecord {
-    pub at: UnixMillis,
-    pub frontend: Frontend,
-    pub key_id: Option<KeyId>,
-    pub partner_id: Option<PartnerId>,
-    pub environment: Option<Environment>,
-    /// Empty when the caller's address could not be parsed.
-    pub client_ip: String,
-    pub allowed: bool,
-    pub reason: Option<String>,
-    pub would_deny: bool,
-    pub method: Option<String>,
-    pub path: Option<String>,
-    pub matched_cidr: Option<String>,
+pub struct KeyIdentity {
+    pub key_id: KeyId,
+    pub partner_id: PartnerId,
+    pub environment: Environment,
 }
 
-impl From<AccessEvent> for AccessRecord {
-    fn from(event: AccessEvent) -> AccessRecord {
-        let (method, path) = match event.endpoint {
-            Some((method, path)) => (Some(method), Some(path)),
-            None => (None, None),
-        };
-        AccessRecord {
+impl KeyIdentity {
+    fn of(key: &CompiledKey) -> KeyIdentity {
+        KeyIdentity {
+            key_id: key.id.clone(),
+            partner_id: key.partner_id.clone(),
+            environment: key.environment.clone(),
+        }
+    }
+}
+
+/// One decision as stored: fixed-size fields but the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub at: UnixMillis,
+    pub frontend: Frontend,
+    /// `None` when the caller's address could not be parsed.
+    pub client_ip: Option<IpAddr>,
+    pub allowed: bool,
+    pub would_deny: bool,
+    pub reason: Option<DenyReason>,
+    pub endpoint: Option<(String, String)>,
+    /// The matched network as (address, prefix length).
+    pub matched: Option<(IpAddr, u8)>,
+}
+
+impl Entry {
+    fn of(event: AccessEvent) -> Entry {
+        Entry {
             at: event.at,
             frontend: event.frontend,
-            key_id: event.key.as_ref().map(|k| k.id.clone()),
-            partner_id: event.key.as_ref().map(|k| k.partner_id.clone()),
-            environment: event.key.as_ref().map(|k| k.environment.clone()),
-            client_ip: event.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            client_ip: event.client_ip.map(ClientIp::addr),
             allowed: event.allowed,
-            reason: event.reason.map(str::to_owned),
             would_deny: event.would_deny,
-            method,
-            path,
-            matched_cidr: event.matched.map(|c| c.to_string()),
+            reason: event.reason,
+            endpoint: event.endpoint,
+            matched: event
+                .matched
+                .map(|c| (c.net().network(), c.net().prefix_len())),
         }
+    }
+
+    pub fn matched_cidr(&self) -> Option<Cidr> {
+        self.matched
+            .and_then(|(addr, len)| Cidr::from_parts(addr, len))
+    }
+}
+
+/// One access-log line as listed: a key's identity and one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRecord {
+    pub key: KeyIdentity,
+    pub entry: Entry,
+}
+
+/// Records to append: per key, its entries newest first.
+#[derive(Debug, Default)]
+pub struct AccessBatch {
+    pub keys: Vec<(KeyIdentity, Vec<Entry>)>,
+}
+
+impl AccessBatch {
+    pub fn len(&self) -> usize {
+        self.keys.iter().map(|(_, entries)| entries.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.iter().all(|(_, entries)| entries.is_empty())
     }
 }
 
@@ -165,7 +202,7 @@ pub struct AccessPage {
 /// Where access records and last-used times are kept.
 #[async_trait]
 pub trait AccessLogStore: Send + Sync + 'static {
-    async fn append(&self, records: Vec<AccessRecord>, retention: Retention) -> StoreResult<()>;
+    async fn append(&self, batch: AccessBatch, retention: Retention) -> StoreResult<()>;
     async fn list(&self, query: &AccessQuery) -> StoreResult<AccessPage>;
     async fn record_last_used(&self, uses: Vec<(KeyId, LastUse)>) -> StoreResult<()>;
     async fn last_used(&self, ids: &[KeyId]) -> StoreResult<Vec<Option<LastUse>>>;
@@ -228,7 +265,7 @@ async fn write_loop(
     mut alerts: alerts::AlertDetector,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut last_used: HashMap<KeyId, LastUse> = HashMap::new();
+    let mut last_used: HashMap<KeyId, (UnixMillis, Option<IpAddr>)> = HashMap::new();
     let mut flush = tokio::time::interval(config.last_used_flush);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = Vec::with_capacity(BATCH);
@@ -262,20 +299,18 @@ async fn write_loop(
         let mut pending = std::mem::take(&mut events);
         while !pending.is_empty() {
             let rest = pending.split_off(pending.len().min(BATCH));
-            let records = pending.into_iter().map(AccessRecord::from).collect();
-            write_batch(
-                records,
-                &*store,
-                &config,
-                &metrics,
-                &mut alerts,
-                &mut last_used,
-            )
-            .await;
+            let batch = gather(pending, &mut alerts, &mut last_used);
+            write_batch(batch, &*store, &config, &metrics).await;
             pending = rest;
         }
         if (flush_now || stopping || last_used.len() >= 10_000) && !last_used.is_empty() {
-            let uses: Vec<(KeyId, LastUse)> = last_used.drain().collect();
+            let uses: Vec<(KeyId, LastUse)> = last_used
+                .drain()
+                .map(|(id, (at, ip))| {
+                    let client_ip = ip.map(|ip| ip.to_string()).unwrap_or_default();
+                    (id, LastUse { at, client_ip })
+                })
+                .collect();
             if let Err(error) = store.record_last_used(uses).await {
                 tracing::warn!(%error, "cannot write last-used times");
             }
@@ -283,47 +318,55 @@ async fn write_loop(
     }
 }
 
-async fn write_batch(
-    records: Vec<AccessRecord>,
-    store: &dyn AccessLogStore,
-    config: &AccessLogConfig,
-    metrics: &Metrics,
+/// Groups events by key (by the compiled key they share, so no string is built per record),
+/// newest first, feeding last-used times and the alert detector on the way. Events without a key
+/// (unknown keys) have no log of their own; metrics count them.
+fn gather(
+    events: Vec<AccessEvent>,
     alerts: &mut alerts::AlertDetector,
-    last_used: &mut HashMap<KeyId, LastUse>,
-) {
-    let mut keyed = Vec::with_capacity(records.len());
-    for record in records {
-        let Some(key_id) = &record.key_id else {
-            // Unknown keys have no log of their own; metrics count them.
-            continue;
-        };
-        if record.allowed {
-            match last_used.get_mut(key_id) {
-                Some(last) if last.at <= record.at => {
-                    last.at = record.at;
-                    last.client_ip.clone_from(&record.client_ip);
-                }
+    last_used: &mut HashMap<KeyId, (UnixMillis, Option<IpAddr>)>,
+) -> AccessBatch {
+    let mut slots: HashMap<usize, usize> = HashMap::new();
+    let mut batch = AccessBatch::default();
+    for event in events {
+        let Some(key) = &event.key else { continue };
+        let slot = *slots.entry(Arc::as_ptr(key) as usize).or_insert_with(|| {
+            batch.keys.push((KeyIdentity::of(key), Vec::new()));
+            batch.keys.len() - 1
+        });
+        let (identity, entries) = &mut batch.keys[slot];
+        let entry = Entry::of(event);
+        if entry.allowed {
+            match last_used.get_mut(&identity.key_id) {
+                Some(last) if last.0 <= entry.at => *last = (entry.at, entry.client_ip),
                 Some(_) => {}
                 None => {
-                    last_used.insert(
-                        key_id.clone(),
-                        LastUse {
-                            at: record.at,
-                            client_ip: record.client_ip.clone(),
-                        },
-                    );
+                    last_used.insert(identity.key_id.clone(), (entry.at, entry.client_ip));
                 }
             }
         } else {
-            alerts.observe(&record);
+            alerts.observe(identity, &entry);
         }
-        keyed.push(record);
+        entries.push(entry);
     }
-    if keyed.is_empty() {
+    for (_, entries) in &mut batch.keys {
+        entries.reverse();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.at));
+    }
+    batch
+}
+
+async fn write_batch(
+    batch: AccessBatch,
+    store: &dyn AccessLogStore,
+    config: &AccessLogConfig,
+    metrics: &Metrics,
+) {
+    if batch.is_empty() {
         return;
     }
-    let count = keyed.len() as u64;
-    if let Err(error) = store.append(keyed, config.retention).await {
+    let count = batch.len() as u64;
+    if let Err(error) = store.append(batch, config.retention).await {
         metrics.access_log_write_failures.inc_by(count);
         tracing::warn!(%error, records = count, "cannot write access records; dropped");
     }

@@ -7,28 +7,48 @@ use std::{sync::Arc, time::Duration};
 
 use keyfence::{
     access::{
-        AccessLogStore, AccessQuery, AccessRecord, Frontend, LastUse, Retention,
-        embedded::EmbeddedAccessLog,
+        AccessBatch, AccessLogStore, AccessQuery, AccessRecord, Entry, Frontend, KeyIdentity,
+        LastUse, Retention, embedded::EmbeddedAccessLog,
     },
-    policy::model::{KeyId, UnixMillis},
+    policy::{
+        decision::DenyReason,
+        model::{KeyId, UnixMillis},
+    },
     store::redis::{RedisOptions, RedisStore},
 };
 
-fn record(key: &str, at: UnixMillis, ip: &str, allowed: bool) -> AccessRecord {
-    AccessRecord {
+fn entry(at: UnixMillis, ip: &str, allowed: bool) -> Entry {
+    Entry {
         at,
         frontend: Frontend::Authorize,
-        key_id: Some(key.parse().unwrap()),
-        partner_id: Some("acme".parse().unwrap()),
-        environment: Some("production".parse().unwrap()),
-        client_ip: ip.into(),
+        client_ip: Some(ip.parse().unwrap()),
         allowed,
-        reason: (!allowed).then(|| "ip_not_allowed".into()),
         would_deny: false,
-        method: Some("GET".into()),
-        path: Some("/v1/x".into()),
-        matched_cidr: None,
+        reason: (!allowed).then_some(DenyReason::IpNotAllowed),
+        endpoint: Some(("GET".into(), "/v1/x".into())),
+        matched: allowed.then(|| ("10.0.0.0".parse().unwrap(), 8)),
     }
+}
+
+/// One key's entries, given oldest first, as a batch (newest first).
+fn batch(key: &str, mut entries: Vec<Entry>) -> AccessBatch {
+    entries.reverse();
+    let identity = KeyIdentity {
+        key_id: key.parse().unwrap(),
+        partner_id: "acme".parse().unwrap(),
+        environment: "production".parse().unwrap(),
+    };
+    AccessBatch {
+        keys: vec![(identity, entries)],
+    }
+}
+
+fn ip(record: &AccessRecord) -> String {
+    record
+        .entry
+        .client_ip
+        .map(|ip| ip.to_string())
+        .unwrap_or_default()
 }
 
 fn query(key: &str) -> AccessQuery {
@@ -49,23 +69,25 @@ const KEEP_ALL: Retention = Retention {
 
 async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
     let now = UnixMillis::now();
-    let records: Vec<AccessRecord> = (0..10)
+    let entries: Vec<Entry> = (0..10)
         .map(|i| {
-            record(
-                "key_a",
+            entry(
                 UnixMillis(now.0 - 10_000 + i * 1000),
                 &format!("10.0.0.{i}"),
                 i % 3 != 0,
             )
         })
         .collect();
-    log.append(records, KEEP_ALL).await.unwrap();
-    log.append(vec![record("key_b", now, "192.0.2.1", true)], KEEP_ALL)
-        .await
-        .unwrap();
+    log.append(batch("key_a", entries), KEEP_ALL).await.unwrap();
+    log.append(
+        batch("key_b", vec![entry(now, "192.0.2.1", true)]),
+        KEEP_ALL,
+    )
+    .await
+    .unwrap();
 
     let all = log.list(&query("key_a")).await.unwrap();
-    let ips: Vec<&str> = all.records.iter().map(|r| r.client_ip.as_str()).collect();
+    let ips: Vec<String> = all.records.iter().map(ip).collect();
     assert_eq!(
         ips,
         [
@@ -74,6 +96,12 @@ async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
         ]
     );
     assert!(all.next_page_token.is_none());
+    assert_eq!(all.records[0].key.partner_id.as_str(), "acme");
+    assert_eq!(all.records[0].entry.reason, Some(DenyReason::IpNotAllowed));
+    assert_eq!(
+        all.records[1].entry.matched_cidr().unwrap().to_string(),
+        "10.0.0.0/8"
+    );
 
     let blocked = log
         .list(&AccessQuery {
@@ -82,11 +110,7 @@ async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
         })
         .await
         .unwrap();
-    let ips: Vec<&str> = blocked
-        .records
-        .iter()
-        .map(|r| r.client_ip.as_str())
-        .collect();
+    let ips: Vec<String> = blocked.records.iter().map(ip).collect();
     assert_eq!(ips, ["10.0.0.9", "10.0.0.6", "10.0.0.3", "10.0.0.0"]);
 
     let window = AccessQuery {
@@ -99,8 +123,8 @@ async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
         .await
         .unwrap()
         .records
-        .into_iter()
-        .map(|r| r.client_ip)
+        .iter()
+        .map(ip)
         .collect();
     assert_eq!(ips, ["10.0.0.5", "10.0.0.4", "10.0.0.3", "10.0.0.2"]);
 
@@ -116,7 +140,7 @@ async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
             })
             .await
             .unwrap();
-        walked.extend(page.records.into_iter().map(|r| r.client_ip));
+        walked.extend(page.records.iter().map(ip));
         match page.next_page_token {
             Some(next) => token = Some(next),
             None => break,
@@ -143,35 +167,34 @@ async fn retention_by_count_and_age(log: Arc<dyn AccessLogStore>) {
     };
     // Two hours old: beyond the age limit.
     log.append(
-        vec![record(
+        batch(
             "key_a",
-            UnixMillis(now.0 - 7_200_000),
-            "10.9.9.9",
-            false,
-        )],
+            vec![entry(UnixMillis(now.0 - 7_200_000), "10.9.9.9", false)],
+        ),
         retention,
     )
     .await
     .unwrap();
-    for batch in 0..4 {
-        let records = (0..5)
+    for round in 0..4 {
+        let entries = (0..5)
             .map(|i| {
-                record(
-                    "key_a",
-                    UnixMillis(now.0 - 1000 + batch * 5 + i),
-                    &format!("10.0.{batch}.{i}"),
+                entry(
+                    UnixMillis(now.0 - 1000 + round * 5 + i),
+                    &format!("10.0.{round}.{i}"),
                     true,
                 )
             })
             .collect();
-        log.append(records, retention).await.unwrap();
+        log.append(batch("key_a", entries), retention)
+            .await
+            .unwrap();
     }
     let kept = log.list(&query("key_a")).await.unwrap().records;
     // Redis trims approximately (MAXLEN ~), in whole nodes; the embedded store exactly.
     assert!(kept.len() >= 5, "{}", kept.len());
-    assert_eq!(kept[0].client_ip, "10.0.3.4", "newest kept");
+    assert_eq!(ip(&kept[0]), "10.0.3.4", "newest kept");
     assert!(
-        !kept.iter().any(|r| r.client_ip == "10.9.9.9"),
+        !kept.iter().any(|r| ip(r) == "10.9.9.9"),
         "the old record was trimmed by age"
     );
 }
@@ -245,14 +268,20 @@ async fn embedded_count_retention_is_exact() {
     };
     let now = UnixMillis::now();
     log.append(
-        (0..12)
-            .map(|i| record("key_a", UnixMillis(now.0 + i), &format!("10.0.0.{i}"), true))
-            .collect(),
+        batch(
+            "key_a",
+            (0..12)
+                .map(|i| entry(UnixMillis(now.0 + i), &format!("10.0.0.{i}"), true))
+                .collect(),
+        ),
         retention,
     )
     .await
     .unwrap();
-    assert_eq!(log.list(&query("key_a")).await.unwrap().records.len(), 5);
+    let kept = log.list(&query("key_a")).await.unwrap().records;
+    assert_eq!(kept.len(), 5, "the oldest block was cut to fit");
+    assert_eq!(ip(&kept[0]), "10.0.0.11");
+    assert_eq!(ip(&kept[4]), "10.0.0.7");
 }
 
 #[tokio::test]

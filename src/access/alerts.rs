@@ -12,7 +12,7 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::AccessRecord;
+use super::{Entry, KeyIdentity};
 use crate::{
     policy::model::{KeyId, UnixMillis},
     telemetry::metrics::Metrics,
@@ -60,7 +60,7 @@ pub struct Alert {
 struct Window {
     started: UnixMillis,
     blocked: u32,
-    ips: HashSet<String>,
+    ips: HashSet<std::net::IpAddr>,
     alerted: bool,
 }
 
@@ -87,8 +87,8 @@ impl AlertDetector {
     }
 
     /// Counts one blocked record; alerts at most once per key per window.
-    pub fn observe(&mut self, record: &AccessRecord) {
-        let Some(key_id) = &record.key_id else { return };
+    pub fn observe(&mut self, key: &KeyIdentity, record: &Entry) {
+        let key_id = &key.key_id;
         let window_ms = self.config.window.as_millis() as i64;
         if self.windows.len() > 100_000 {
             // Bound memory under a flood of distinct keys: forget closed windows.
@@ -116,8 +116,10 @@ impl AlertDetector {
             };
         }
         window.blocked += 1;
-        if window.ips.len() <= self.config.max_distinct_ips as usize {
-            window.ips.insert(record.client_ip.clone());
+        if let Some(ip) = record.client_ip
+            && window.ips.len() <= self.config.max_distinct_ips as usize
+        {
+            window.ips.insert(ip);
         }
         let tripped = window.blocked > self.config.max_blocked
             || window.ips.len() > self.config.max_distinct_ips as usize;
@@ -128,22 +130,22 @@ impl AlertDetector {
         let alert = Alert {
             kind: "keyfence.blocked_attempts",
             key_id: key_id.to_string(),
-            partner_id: record
-                .partner_id
-                .as_ref()
-                .map(|p| p.to_string())
-                .unwrap_or_default(),
-            environment: record
-                .environment
-                .as_ref()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
+            partner_id: key.partner_id.to_string(),
+            environment: key.environment.to_string(),
             blocked: window.blocked,
             distinct_ips: window.ips.len() as u32,
             window_seconds: self.config.window.as_secs(),
             window_started_at_ms: window.started.0,
-            last_reason: record.reason.clone().unwrap_or_default(),
-            sample_ips: window.ips.iter().take(10).cloned().collect(),
+            last_reason: record
+                .reason
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_default(),
+            sample_ips: window
+                .ips
+                .iter()
+                .take(10)
+                .map(|ip| ip.to_string())
+                .collect(),
         };
         tracing::warn!(
             key_id = %alert.key_id,

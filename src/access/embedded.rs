@@ -9,7 +9,6 @@
 //! delete: no batch ever rescans a key's whole log.
 
 use std::{
-    collections::BTreeMap,
     path::Path,
     sync::{
         Arc,
@@ -20,7 +19,10 @@ use std::{
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
-use super::{AccessLogStore, AccessPage, AccessQuery, AccessRecord, LastUse, Retention};
+use super::{
+    AccessBatch, AccessLogStore, AccessPage, AccessQuery, AccessRecord, Entry, KeyIdentity,
+    LastUse, Retention,
+};
 use crate::{
     policy::model::{KeyId, UnixMillis},
     store::{StoreError, StoreResult},
@@ -64,9 +66,11 @@ fn first_order_at_or_before(at: UnixMillis) -> u64 {
     u64::MAX - (((at.0.max(0) as u64) << COUNTER_BITS) | ((1 << COUNTER_BITS) - 1))
 }
 
-fn encode_block(records: &[AccessRecord]) -> StoreResult<Vec<u8>> {
-    let mut out = (records.len() as u32).to_le_bytes().to_vec();
-    out.extend(postcard::to_stdvec(records).map_err(corrupt)?);
+/// A block: the entry count (4 bytes, for trimming without decoding), then the key's identity and
+/// its entries, newest first, in postcard.
+fn encode_block(identity: &KeyIdentity, entries: &[Entry]) -> StoreResult<Vec<u8>> {
+    let mut out = (entries.len() as u32).to_le_bytes().to_vec();
+    out.extend(postcard::to_stdvec(&(identity, entries)).map_err(corrupt)?);
     Ok(out)
 }
 
@@ -78,7 +82,7 @@ fn block_count(bytes: &[u8]) -> StoreResult<u64> {
     Ok(u64::from(u32::from_le_bytes(prefix)))
 }
 
-fn decode_block(bytes: &[u8]) -> StoreResult<Vec<AccessRecord>> {
+fn decode_block(bytes: &[u8]) -> StoreResult<(KeyIdentity, Vec<Entry>)> {
     postcard::from_bytes(&bytes[4..]).map_err(corrupt)
 }
 
@@ -107,10 +111,10 @@ fn trim_to(
             blocks.remove((key, order)).map_err(unavailable)?;
             count -= in_block;
         } else {
-            let mut records = decode_block(&bytes)?;
-            records.truncate((in_block - excess) as usize);
+            let (identity, mut entries) = decode_block(&bytes)?;
+            entries.truncate((in_block - excess) as usize);
             blocks
-                .insert((key, order), encode_block(&records)?.as_slice())
+                .insert((key, order), encode_block(&identity, &entries)?.as_slice())
                 .map_err(unavailable)?;
             count -= excess;
         }
@@ -120,19 +124,20 @@ fn trim_to(
 
 #[async_trait]
 impl AccessLogStore for EmbeddedAccessLog {
-    async fn append(&self, records: Vec<AccessRecord>, retention: Retention) -> StoreResult<()> {
-        // One block per key, newest record first.
-        let mut by_key: BTreeMap<String, Vec<AccessRecord>> = BTreeMap::new();
-        for record in records {
-            if let Some(key) = &record.key_id {
-                by_key.entry(key.to_string()).or_default().push(record);
-            }
-        }
-        let mut blocks_in = Vec::with_capacity(by_key.len());
-        for (key, mut records) in by_key {
-            records.sort_by_key(|r| std::cmp::Reverse(r.at));
-            let order = self.order(records[0].at);
-            blocks_in.push((key, order, records.len() as u64, encode_block(&records)?));
+    async fn append(&self, batch: AccessBatch, retention: Retention) -> StoreResult<()> {
+        let mut blocks_in = Vec::with_capacity(batch.keys.len());
+        for (identity, entries) in &batch.keys {
+            let Some(newest) = entries.first() else {
+                continue;
+            };
+            let order = self.order(newest.at);
+            let bytes = encode_block(identity, entries)?;
+            blocks_in.push((
+                identity.key_id.to_string(),
+                order,
+                entries.len() as u64,
+                bytes,
+            ));
         }
         let db = self.db.clone();
         blocking(move || {
@@ -206,22 +211,25 @@ impl AccessLogStore for EmbeddedAccessLog {
             {
                 let (k, v) = row.map_err(unavailable)?;
                 let order = k.value().1;
-                let records = decode_block(v.value())?;
+                let (identity, entries) = decode_block(v.value())?;
                 let skipped = if order == start_block {
                     std::mem::take(&mut skip)
                 } else {
                     0
                 };
-                for (index, record) in records.into_iter().enumerate().skip(skipped) {
-                    if query.since.is_some_and(|since| record.at < since) {
+                for (index, entry) in entries.into_iter().enumerate().skip(skipped) {
+                    if query.since.is_some_and(|since| entry.at < since) {
                         return Ok(page);
                     }
-                    if query.until.is_some_and(|until| record.at > until)
-                        || query.blocked_only && record.allowed
+                    if query.until.is_some_and(|until| entry.at > until)
+                        || query.blocked_only && entry.allowed
                     {
                         continue;
                     }
-                    page.records.push(record);
+                    page.records.push(AccessRecord {
+                        key: identity.clone(),
+                        entry,
+                    });
                     if page.records.len() == query.limit {
                         page.next_page_token = Some(format!("{order}:{}", index + 1));
                         return Ok(page);

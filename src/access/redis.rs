@@ -5,7 +5,9 @@
 
 use async_trait::async_trait;
 
-use super::{AccessLogStore, AccessPage, AccessQuery, AccessRecord, LastUse, Retention};
+use super::{
+    AccessBatch, AccessLogStore, AccessPage, AccessQuery, AccessRecord, LastUse, Retention,
+};
 use crate::{
     policy::model::{KeyId, UnixMillis},
     store::{
@@ -36,25 +38,31 @@ fn valid_stream_id(text: &str) -> bool {
 
 #[async_trait]
 impl AccessLogStore for RedisStore {
-    async fn append(&self, records: Vec<AccessRecord>, retention: Retention) -> StoreResult<()> {
+    async fn append(&self, batch: AccessBatch, retention: Retention) -> StoreResult<()> {
         let mut conn = self.conn().await?;
         let cutoff = UnixMillis::now().saturating_add_secs(-(retention.max_age.as_secs() as i64));
         let mut pipe = redis::pipe();
         let mut touched = std::collections::BTreeSet::new();
-        for record in &records {
-            let Some(key) = &record.key_id else { continue };
-            let json =
-                serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let name = stream(self, key);
-            pipe.cmd("XADD")
-                .arg(&name)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(retention.max_records_per_key)
-                .arg("*")
-                .arg("r")
-                .arg(json)
-                .ignore();
+        for (identity, entries) in batch.keys {
+            let name = stream(self, &identity.key_id);
+            // Oldest first: a stream is ordered by arrival.
+            for entry in entries.into_iter().rev() {
+                let record = AccessRecord {
+                    key: identity.clone(),
+                    entry,
+                };
+                let json =
+                    serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                pipe.cmd("XADD")
+                    .arg(&name)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(retention.max_records_per_key)
+                    .arg("*")
+                    .arg("r")
+                    .arg(json)
+                    .ignore();
+            }
             touched.insert(name);
         }
         for name in touched {
@@ -110,9 +118,9 @@ impl AccessLogStore for RedisStore {
                 let record: AccessRecord =
                     serde_json::from_slice(json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 end = format!("({id}");
-                if query.blocked_only && record.allowed
-                    || query.until.is_some_and(|until| record.at > until)
-                    || query.since.is_some_and(|since| record.at < since)
+                if query.blocked_only && record.entry.allowed
+                    || query.until.is_some_and(|until| record.entry.at > until)
+                    || query.since.is_some_and(|since| record.entry.at < since)
                 {
                     continue;
                 }

@@ -623,39 +623,27 @@ impl Admin for AdminService {
 }
 
 fn access_entry(record: &AccessRecord) -> pb::AccessLogEntry {
-    let reason = record.reason.as_deref().and_then(|name| {
-        crate::policy::decision::DenyReason::ALL
-            .into_iter()
-            .find(|r| r.as_str() == name)
-    });
+    let AccessRecord { key, entry } = record;
+    let (method, path) = entry.endpoint.clone().unwrap_or_default();
     pb::AccessLogEntry {
-        time: Some(convert::timestamp(record.at)),
-        key_id: record
-            .key_id
-            .as_ref()
-            .map(|k| k.to_string())
-            .unwrap_or_default(),
-        partner_id: record
-            .partner_id
-            .as_ref()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-        environment: record
-            .environment
-            .as_ref()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
-        client_ip: record.client_ip.clone(),
-        decision: if record.allowed {
+        time: Some(convert::timestamp(entry.at)),
+        key_id: key.key_id.to_string(),
+        partner_id: key.partner_id.to_string(),
+        environment: key.environment.to_string(),
+        client_ip: entry.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        decision: if entry.allowed {
             pb::Decision::Allow
         } else {
             pb::Decision::Deny
         } as i32,
-        reason: convert::deny_reason(reason) as i32,
-        would_deny: record.would_deny,
-        method: record.method.clone().unwrap_or_default(),
-        path: record.path.clone().unwrap_or_default(),
-        matched_cidr: record.matched_cidr.clone().unwrap_or_default(),
-        source: record.frontend.as_str().to_owned(),
+        reason: convert::deny_reason(entry.reason) as i32,
+        would_deny: entry.would_deny,
+        method,
+        path,
+        matched_cidr: entry
+            .matched_cidr()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        source: entry.frontend.as_str().to_owned(),
     }
 }

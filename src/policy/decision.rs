@@ -18,7 +18,8 @@ use super::{
 };
 
 /// Why a request was (or, in report-only mode, would have been) denied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DenyReason {
     UnknownKey,
     KeyDisabled,
