@@ -28,7 +28,7 @@ use crate::{
             PreviousSecret, Scope, SignatureScheme, UnixMillis,
         },
     },
-    store::{Committed, KeyFilter, Store, ops},
+    store::{AllowlistEdit, Committed, KeyFilter, Store, ops},
 };
 
 /// The longest rotation grace period accepted.
@@ -94,6 +94,21 @@ impl AdminService {
                 key
             })
             .collect())
+    }
+
+    /// Runs one allowlist edit, waits until this replica sees it, logs it, and returns the list.
+    async fn edit_allowlist(
+        &self,
+        scope: &Scope,
+        edit: AllowlistEdit,
+        audit: &Audit,
+        count: usize,
+        what: &'static str,
+    ) -> Result<(Vec<pb::AllowlistEntry>, u64), Status> {
+        let committed = self.store.modify_allowlist(scope, edit).await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "{what}");
+        Ok((convert::entries(&committed.value), committed.revision))
     }
 
     fn audit<T>(request: &Request<T>) -> Result<Audit, Status> {
@@ -447,18 +462,18 @@ impl Admin for AdminService {
             &audit,
         );
         let count = added.len();
-        let committed = self
-            .store
-            .modify_allowlist(
+        let (entries, revision) = self
+            .edit_allowlist(
                 &scope,
                 Box::new(move |list| ops::add_entries(list, added.clone())),
+                &audit,
+                count,
+                "allowlist entries added",
             )
             .await?;
-        let committed = self.visible(committed).await;
-        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries added");
         Ok(Response::new(pb::AddAllowlistEntriesResponse {
-            entries: convert::entries(&committed.value),
-            revision: committed.revision,
+            entries,
+            revision,
         }))
     }
 
@@ -474,18 +489,18 @@ impl Admin for AdminService {
             &audit,
         );
         let count = replacement.len();
-        let committed = self
-            .store
-            .modify_allowlist(
+        let (entries, revision) = self
+            .edit_allowlist(
                 &scope,
                 Box::new(move |list| ops::replace_entries(list, replacement.clone())),
+                &audit,
+                count,
+                "allowlist replaced",
             )
             .await?;
-        let committed = self.visible(committed).await;
-        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist replaced");
         Ok(Response::new(pb::ReplaceAllowlistResponse {
-            entries: convert::entries(&committed.value),
-            revision: committed.revision,
+            entries,
+            revision,
         }))
     }
 
@@ -501,18 +516,18 @@ impl Admin for AdminService {
         }
         let removed = convert::cidrs("cidrs", request.cidrs)?;
         let count = removed.len();
-        let committed = self
-            .store
-            .modify_allowlist(
+        let (entries, revision) = self
+            .edit_allowlist(
                 &scope,
                 Box::new(move |list| ops::remove_entries(list, &removed)),
+                &audit,
+                count,
+                "allowlist entries removed",
             )
             .await?;
-        let committed = self.visible(committed).await;
-        tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "allowlist entries removed");
         Ok(Response::new(pb::RemoveAllowlistEntriesResponse {
-            entries: convert::entries(&committed.value),
-            revision: committed.revision,
+            entries,
+            revision,
         }))
     }
 
@@ -563,16 +578,19 @@ impl Admin for AdminService {
             }
             _ => None,
         };
+        let convert::DecisionFields {
+            decision: verdict,
+            reason,
+            key_id,
+            partner_id,
+            environment,
+        } = convert::decision_fields(&decision);
         Ok(Response::new(pb::CheckAccessResponse {
-            decision: if decision.is_allow() {
-                pb::Decision::Allow
-            } else {
-                pb::Decision::Deny
-            } as i32,
-            reason: convert::deny_reason(decision.reason()) as i32,
-            key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
-            partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
-            environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
+            decision: verdict,
+            reason,
+            key_id,
+            partner_id,
+            environment,
             ip_allowed: decision.ip_allowed,
             matched_entry,
             matched_scope: decision

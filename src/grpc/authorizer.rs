@@ -123,17 +123,19 @@ pub fn record_decision(decision: &Decision) {
 }
 
 fn authorize_response(decision: &Decision) -> pb::AuthorizeResponse {
-    let key = decision.key.as_deref();
+    let convert::DecisionFields {
+        decision: verdict,
+        reason,
+        key_id,
+        partner_id,
+        environment,
+    } = convert::decision_fields(decision);
     pb::AuthorizeResponse {
-        decision: if decision.is_allow() {
-            pb::Decision::Allow
-        } else {
-            pb::Decision::Deny
-        } as i32,
-        reason: convert::deny_reason(decision.reason()) as i32,
-        key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
-        partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
-        environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
+        decision: verdict,
+        reason,
+        key_id,
+        partner_id,
+        environment,
         matched_cidr: decision
             .matched
             .map(|m| m.cidr.to_string())

@@ -258,6 +258,30 @@ pub fn deny_reason(reason: Option<DenyReason>) -> pb::DenyReason {
     }
 }
 
+/// The fields every decision response shares.
+pub struct DecisionFields {
+    pub decision: i32,
+    pub reason: i32,
+    pub key_id: String,
+    pub partner_id: String,
+    pub environment: String,
+}
+
+pub fn decision_fields(decision: &crate::policy::decision::Decision) -> DecisionFields {
+    let key = decision.key.as_deref();
+    DecisionFields {
+        decision: if decision.is_allow() {
+            pb::Decision::Allow
+        } else {
+            pb::Decision::Deny
+        } as i32,
+        reason: deny_reason(decision.reason()) as i32,
+        key_id: key.map(|k| k.id.to_string()).unwrap_or_default(),
+        partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
+        environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
+    }
+}
+
 pub fn entry_source(source: EntrySource) -> &'static str {
     source.as_str()
 }
