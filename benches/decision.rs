@@ -192,7 +192,7 @@ impl Case {
     fn request(&self) -> AuthzRequest<'_> {
         AuthzRequest {
             key: KeySelector::Presented(&self.secret),
-            client_ip: &self.ip,
+            client_ip: keyfence::policy::decision::ClientAddress::Text(&self.ip),
             signature: self.signature.as_deref().map(|signature| SignedRequest {
                 signature,
                 timestamp: NOW_SECS,

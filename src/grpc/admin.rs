@@ -22,7 +22,7 @@ use crate::{
     authz::{Decider, Origin},
     policy::{
         allowlist::EntrySource,
-        decision::{AuthzRequest, KeySelector, Mode},
+        decision::{AuthzRequest, ClientAddress, KeySelector, Mode},
         model::{
             Audit, Enforcement, Environments, KeyId, KeyRecord, KeyStatus, MintedSecret, NewEntry,
             PreviousSecret, Scope, SignatureScheme, UnixMillis,
@@ -553,7 +553,7 @@ impl Admin for AdminService {
         }
         let question = AuthzRequest {
             key: selector,
-            client_ip: &request.client_ip,
+            client_ip: ClientAddress::Text(&request.client_ip),
             signature: signed_request(request.signature.as_ref())?,
         };
         let origin = Origin {

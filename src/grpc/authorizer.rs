@@ -13,7 +13,7 @@ use crate::{
     access::Frontend,
     authz::{AuthzError, Decider, Origin},
     policy::{
-        decision::{AuthzRequest, Decision, KeySelector, Mode},
+        decision::{AuthzRequest, ClientAddress, Decision, KeySelector, Mode},
         signature::SignedRequest,
     },
 };
@@ -86,7 +86,7 @@ impl Authorizer for AuthorizerService {
         }
         let question = AuthzRequest {
             key: KeySelector::Presented(&request.api_key),
-            client_ip: &request.client_ip,
+            client_ip: ClientAddress::Text(&request.client_ip),
             signature: signed_request(request.signature.as_ref())?,
         };
         let origin = Origin {

@@ -50,7 +50,7 @@ use crate::{
     authz::Decider,
     policy::{
         client_ip::{Origin, TrustedProxies},
-        decision::{AuthzRequest, Decision, DenyReason, KeySelector, Mode, Verdict},
+        decision::{AuthzRequest, ClientAddress, Decision, DenyReason, KeySelector, Mode, Verdict},
         model::UnixMillis,
         signature::SignedRequest,
         snapshot::CompiledKey,
@@ -89,17 +89,17 @@ impl ExtAuthzService {
         let client_ip = match self.settings.trusted_proxies.resolve(&question.origin) {
             Ok(ip) => {
                 span.record("client_ip", tracing::field::display(ip));
-                ip.to_string()
+                ClientAddress::Resolved(ip)
             }
             Err(error) => {
                 tracing::info!(%error, "client ip not resolved");
-                // The engine denies an empty address as INVALID_CLIENT_IP: one deny path, not two.
-                String::new()
+                // The engine denies it as INVALID_CLIENT_IP: one deny path, not two.
+                ClientAddress::Unresolved
             }
         };
         let engine_question = AuthzRequest {
             key: KeySelector::Presented(question.key),
-            client_ip: &client_ip,
+            client_ip,
             signature: question.signature,
         };
         let decision = match self

@@ -93,11 +93,22 @@ pub enum KeySelector<'a> {
     Id(&'a KeyId),
 }
 
+/// The caller's address as the front end has it.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientAddress<'a> {
+    /// Text to parse strictly (Authorize, CheckAccess).
+    Text(&'a str),
+    /// Already parsed, for a front end that resolves it itself (Envoy behind trusted proxies).
+    Resolved(ClientIp),
+    /// The front end could not tell: denied as `InvalidClientIp`.
+    Unresolved,
+}
+
 /// One question to the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthzRequest<'a> {
     pub key: KeySelector<'a>,
-    pub client_ip: &'a str,
+    pub client_ip: ClientAddress<'a>,
     /// `None` when the request carried no signature material at all.
     pub signature: Option<SignedRequest<'a>>,
 }
@@ -244,7 +255,12 @@ impl Engine {
             revision: snapshot.revision(),
         };
 
-        let Ok(client_ip) = request.client_ip.parse::<ClientIp>() else {
+        let client_ip = match request.client_ip {
+            ClientAddress::Text(text) => text.parse::<ClientIp>().ok(),
+            ClientAddress::Resolved(ip) => Some(ip),
+            ClientAddress::Unresolved => None,
+        };
+        let Some(client_ip) = client_ip else {
             return Evaluation::Decided(decision.deny(DenyReason::InvalidClientIp));
         };
         decision.client_ip = Some(client_ip);

@@ -34,7 +34,7 @@ fn snapshot_with(records: Vec<(crate::policy::model::KeyRecord, Vec<&str>)>) -> 
 fn ask<'a>(secret: &'a str, ip: &'a str, signature: Option<SignedRequest<'a>>) -> AuthzRequest<'a> {
     AuthzRequest {
         key: KeySelector::Presented(secret),
-        client_ip: ip,
+        client_ip: ClientAddress::Text(ip),
         signature,
     }
 }
@@ -663,7 +663,7 @@ fn check_by_key_id() {
     let id: KeyId = "key_a".parse().unwrap();
     let request = AuthzRequest {
         key: KeySelector::Id(&id),
-        client_ip: "203.0.113.1",
+        client_ip: ClientAddress::Text("203.0.113.1"),
         signature: None,
     };
     assert!(
@@ -680,7 +680,7 @@ fn check_by_key_id() {
     let missing: KeyId = "key_zz".parse().unwrap();
     let request = AuthzRequest {
         key: KeySelector::Id(&missing),
-        client_ip: "203.0.113.1",
+        client_ip: ClientAddress::Text("203.0.113.1"),
         signature: None,
     };
     assert_eq!(
