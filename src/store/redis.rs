@@ -21,7 +21,7 @@ use redis::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{OnceCell, watch};
 use tokio_stream::StreamExt;
 
 use super::{
@@ -93,7 +93,7 @@ pub struct RedisOptions {
 pub struct RedisStore {
     client: Client,
     /// Created on first use, so a replica can start while Redis is down; it reconnects by itself.
-    connection: Mutex<Option<ConnectionManager>>,
+    connection: OnceCell<ConnectionManager>,
     names: Names,
     commit: Script,
     change_log_len: u64,
@@ -205,7 +205,7 @@ impl RedisStore {
         ));
         Ok(Arc::new(RedisStore {
             client,
-            connection: Mutex::new(None),
+            connection: OnceCell::new(),
             names,
             commit: Script::new(COMMIT),
             change_log_len: options.change_log_len.max(1),
@@ -216,20 +216,21 @@ impl RedisStore {
 
     /// A connection, made on first use; shared with the access log.
     pub(crate) async fn conn(&self) -> StoreResult<ConnectionManager> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CALL_TIMEOUT))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let connection = ConnectionManager::new_with_config(self.client.clone(), config)
+        // Lock-free once made (the nonce check calls this on the decision path); a failed first
+        // attempt leaves the cell empty for the next caller to retry.
+        self.connection
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CALL_TIMEOUT))
+                    .set_response_timeout(Some(CALL_TIMEOUT))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(2));
+                ConnectionManager::new_with_config(self.client.clone(), config)
+                    .await
+                    .map_err(unavailable)
+            })
             .await
-            .map_err(unavailable)?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+            .cloned()
     }
 
     /// The key prefix of this deployment.
