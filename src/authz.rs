@@ -176,14 +176,17 @@ impl Decider {
             Evaluation::NonceRequired(pending) => pending,
         };
         let consume = mode == Mode::Enforce;
-        let fresh = match &self.nonces {
-            Nonces::Local(ledger) => ledger.claim(
+        let claim_locally = |ledger: &NonceLedger| {
+            ledger.claim(
                 pending.key_id(),
                 pending.nonce(),
                 pending.forget_after(),
                 now,
                 consume,
-            ),
+            )
+        };
+        let fresh = match &self.nonces {
+            Nonces::Local(ledger) => claim_locally(ledger),
             Nonces::Shared { store, fallback } => {
                 let ttl = Duration::from_millis(
                     pending.forget_after().0.saturating_sub(now.0).max(1) as u64,
@@ -196,13 +199,7 @@ impl Decider {
                     Err(error) => match fallback {
                         Some(ledger) => {
                             tracing::warn!(%error, "nonce store unavailable; using this replica's ledger");
-                            ledger.claim(
-                                pending.key_id(),
-                                pending.nonce(),
-                                pending.forget_after(),
-                                now,
-                                consume,
-                            )
+                            claim_locally(ledger)
                         }
                         None => return Err(AuthzError::NonceStoreUnavailable(error.to_string())),
                     },

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{CliError, ClientOptions, ExpiryArgs, output};
+use super::{CliError, ClientOptions, ExpiryArgs, client::Admin, output};
 use crate::grpc::pb;
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +146,29 @@ fn locate(error: tonic::Status, path: &Path, lines: &[u64]) -> CliError {
     }
 }
 
+/// Adds the entries, or with `replace` makes them the whole list; returns the list after.
+async fn write(
+    admin: &mut Admin,
+    scope: &ScopeArgs,
+    entries: Vec<pb::AllowlistEntryInput>,
+    replace: bool,
+) -> Result<(Vec<pb::AllowlistEntry>, u64), tonic::Status> {
+    let scope = Some(scope.scope());
+    if replace {
+        let r = admin
+            .replace_allowlist(pb::ReplaceAllowlistRequest { scope, entries })
+            .await?
+            .into_inner();
+        Ok((r.entries, r.revision))
+    } else {
+        let r = admin
+            .add_allowlist_entries(pb::AddAllowlistEntriesRequest { scope, entries })
+            .await?
+            .into_inner();
+        Ok((r.entries, r.revision))
+    }
+}
+
 pub async fn run(client: &ClientOptions, command: AllowlistCommand) -> Result<(), CliError> {
     let mut admin = client.connect().await?;
     let (entries, revision) = match command {
@@ -164,14 +187,13 @@ pub async fn run(client: &ClientOptions, command: AllowlistCommand) -> Result<()
             description,
             expiry,
         } => {
-            let r = admin
-                .add_allowlist_entries(pb::AddAllowlistEntriesRequest {
-                    scope: Some(scope.scope()),
-                    entries: inputs(cidrs, &description, &expiry),
-                })
-                .await?
-                .into_inner();
-            (r.entries, r.revision)
+            write(
+                &mut admin,
+                &scope,
+                inputs(cidrs, &description, &expiry),
+                false,
+            )
+            .await?
         }
         AllowlistCommand::Replace {
             scope,
@@ -179,14 +201,13 @@ pub async fn run(client: &ClientOptions, command: AllowlistCommand) -> Result<()
             description,
             expiry,
         } => {
-            let r = admin
-                .replace_allowlist(pb::ReplaceAllowlistRequest {
-                    scope: Some(scope.scope()),
-                    entries: inputs(cidrs, &description, &expiry),
-                })
-                .await?
-                .into_inner();
-            (r.entries, r.revision)
+            write(
+                &mut admin,
+                &scope,
+                inputs(cidrs, &description, &expiry),
+                true,
+            )
+            .await?
         }
         AllowlistCommand::Remove { scope, cidrs } => {
             let r = admin
@@ -207,30 +228,9 @@ pub async fn run(client: &ClientOptions, command: AllowlistCommand) -> Result<()
             if entries.is_empty() && !replace {
                 return Err(CliError::Input(format!("{}: no entries", file.display())));
             }
-            let result = if replace {
-                admin
-                    .replace_allowlist(pb::ReplaceAllowlistRequest {
-                        scope: Some(scope.scope()),
-                        entries,
-                    })
-                    .await
-                    .map(|r| {
-                        let r = r.into_inner();
-                        (r.entries, r.revision)
-                    })
-            } else {
-                admin
-                    .add_allowlist_entries(pb::AddAllowlistEntriesRequest {
-                        scope: Some(scope.scope()),
-                        entries,
-                    })
-                    .await
-                    .map(|r| {
-                        let r = r.into_inner();
-                        (r.entries, r.revision)
-                    })
-            };
-            result.map_err(|e| locate(e, &file, &lines))?
+            write(&mut admin, &scope, entries, replace)
+                .await
+                .map_err(|e| locate(e, &file, &lines))?
         }
     };
     output::entries(&entries, revision, client.json);

@@ -595,7 +595,7 @@ impl Admin for AdminService {
             matched_entry,
             matched_scope: decision
                 .matched
-                .map(|m| convert::entry_source(m.source).to_owned())
+                .map(|m| m.source.as_str().to_owned())
                 .unwrap_or_default(),
             policy_revision: decision.revision,
             would_deny: decision.would_deny.is_some(),

@@ -6,7 +6,6 @@ use tonic::Status;
 
 use super::{pb, status::invalid};
 use crate::policy::{
-    allowlist::EntrySource,
     decision::DenyReason,
     ip::Cidr,
     model::{
@@ -280,10 +279,6 @@ pub fn decision_fields(decision: &crate::policy::decision::Decision) -> Decision
         partner_id: key.map(|k| k.partner_id.to_string()).unwrap_or_default(),
         environment: key.map(|k| k.environment.to_string()).unwrap_or_default(),
     }
-}
-
-pub fn entry_source(source: EntrySource) -> &'static str {
-    source.as_str()
 }
 
 #[cfg(test)]

@@ -96,7 +96,7 @@ impl Verifier {
 
 /// Feeds the canonical string to `sink` piece by piece.
 fn write_canonical(request: &SignedRequest<'_>, mut sink: impl FnMut(&[u8])) {
-    let mut timestamp = itoa_buffer();
+    let mut timestamp = [0u8; 20];
     sink(format_i64(request.timestamp, &mut timestamp));
     sink(b"\n");
     sink(request.nonce.as_bytes());
@@ -117,10 +117,6 @@ fn write_canonical(request: &SignedRequest<'_>, mut sink: impl FnMut(&[u8])) {
     hex::encode_to_slice(Sha256::digest(request.body), &mut body_hex)
         .expect("64 bytes hold a hex SHA-256");
     sink(&body_hex);
-}
-
-fn itoa_buffer() -> [u8; 20] {
-    [0u8; 20]
 }
 
 fn format_i64(value: i64, buffer: &mut [u8; 20]) -> &[u8] {
