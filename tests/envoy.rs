@@ -49,28 +49,13 @@ impl Stack {
     async fn signing_key(&self) -> (pb::CreateKeyResponse, Vec<u8>) {
         let mut admin = self.keyfence.admin().await;
         let key = admin
-            .create_key(pb::CreateKeyRequest {
-                partner_id: "acme".into(),
-                environment: "production".into(),
-                name: "signing".into(),
-                ip_allowlist_enabled: true,
-                allowlist: vec![entry("127.0.0.1")],
-                signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
-                ..Default::default()
-            })
+            .create_key(hmac_key_request("signing", &["127.0.0.1"]))
             .await
             .expect("create signing key")
             .into_inner();
-        let secret = base64_decode(&key.signing_secret);
+        let secret = signing_secret(&key);
         (key, secret)
     }
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .expect("base64")
 }
 
 fn key_id(key: &pb::CreateKeyResponse) -> String {

@@ -557,24 +557,12 @@ async fn otlp_exports_only_when_configured_and_never_secrets() {
         },
     );
     let created = admin
-        .create_key(pb::CreateKeyRequest {
-            partner_id: "acme".into(),
-            environment: "production".into(),
-            name: "traced".into(),
-            ip_allowlist_enabled: true,
-            allowlist: vec![entry("203.0.113.0/24")],
-            signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
-            ..Default::default()
-        })
+        .create_key(hmac_key_request("traced", &["203.0.113.0/24"]))
         .await
         .unwrap()
         .into_inner();
     let id = created.key.as_ref().unwrap().id.clone();
-    let signing_secret = base64::Engine::decode(
-        &base64::engine::general_purpose::STANDARD,
-        &created.signing_secret,
-    )
-    .unwrap();
+    let signing_secret = signing_secret(&created);
     let now = now_secs();
     let signature =
         keyfence::policy::signature::sign_hmac(&signing_secret, now, "n-1", "GET", "/", b"");

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use common::{redis::RedisServer, *};
 use keyfence::{
     grpc::pb::{self, DenyReason},
@@ -330,20 +329,11 @@ async fn a_replayed_nonce_is_denied_by_another_replica_and_fails_closed_without_
     let tolerant = replica(&redis, &["--nonce-fallback-local", "true"]);
     let mut admin = a.admin().await;
     let key = admin
-        .create_key(pb::CreateKeyRequest {
-            partner_id: "acme".into(),
-            environment: "production".into(),
-            name: "signed".into(),
-            ip_allowlist_enabled: false,
-            signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
-            ..Default::default()
-        })
+        .create_key(hmac_key_request("signed", &[]))
         .await
         .unwrap()
         .into_inner();
-    let secret = base64::engine::general_purpose::STANDARD
-        .decode(&key.signing_secret)
-        .unwrap();
+    let secret = signing_secret(&key);
     let signed = |nonce: &str| {
         let now = now_secs();
         pb::AuthorizeRequest {

@@ -193,21 +193,11 @@ async fn every_deny_reason_over_grpc() {
     );
     // SIGNATURE_MISSING, SIGNATURE_INVALID, TIMESTAMP_OUT_OF_WINDOW, NONCE_REUSED
     let hmac = admin
-        .create_key(pb::CreateKeyRequest {
-            partner_id: "acme".into(),
-            environment: "production".into(),
-            name: "signed".into(),
-            ip_allowlist_enabled: true,
-            allowlist: vec![entry("203.0.113.0/24")],
-            signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
-            ..Default::default()
-        })
+        .create_key(hmac_key_request("signed", &["203.0.113.0/24"]))
         .await
         .unwrap()
         .into_inner();
-    let signing_secret = base64::engine::general_purpose::STANDARD
-        .decode(&hmac.signing_secret)
-        .unwrap();
+    let signing_secret = signing_secret(&hmac);
     assert_eq!(signing_secret.len(), 32);
     assert_eq!(
         decide(&mut authz, authorize_request(&hmac.secret, ip)).await,
@@ -1098,26 +1088,10 @@ async fn check_access_is_a_dry_run() {
     let server = Server::start(&[]);
     let mut admin = server.admin().await;
     let mut authz = server.authorizer().await;
-    let key = admin
-        .create_key(pb::CreateKeyRequest {
-            partner_id: "acme".into(),
-            environment: "production".into(),
-            name: "signed".into(),
-            ip_allowlist_enabled: true,
-            allowlist: vec![pb::AllowlistEntryInput {
-                cidr: "203.0.113.0/24".into(),
-                description: "acme NAT".into(),
-                expires_at: None,
-            }],
-            signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let secret = base64::engine::general_purpose::STANDARD
-        .decode(&key.signing_secret)
-        .unwrap();
+    let mut request = hmac_key_request("signed", &["203.0.113.0/24"]);
+    request.allowlist[0].description = "acme NAT".into();
+    let key = admin.create_key(request).await.unwrap().into_inner();
+    let secret = signing_secret(&key);
     let now = now_secs();
     let signature = pb::SignatureInput {
         signature: sign_hmac(&secret, now, "once", "GET", "/", b""),

@@ -212,6 +212,28 @@ pub async fn create_key(
         .into_inner()
 }
 
+/// A request for an HMAC-signing key of partner acme in production, with an IP allowlist of
+/// `cidrs` (no entries: allowlist off).
+pub fn hmac_key_request(name: &str, cidrs: &[&str]) -> pb::CreateKeyRequest {
+    pb::CreateKeyRequest {
+        partner_id: "acme".into(),
+        environment: "production".into(),
+        name: name.into(),
+        ip_allowlist_enabled: !cidrs.is_empty(),
+        allowlist: cidrs.iter().map(|c| entry(c)).collect(),
+        signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
+        ..Default::default()
+    }
+}
+
+/// The signing secret a created HMAC key was given, decoded.
+pub fn signing_secret(created: &pb::CreateKeyResponse) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(&created.signing_secret)
+        .expect("the signing secret is base64")
+}
+
 pub fn authorize_request(api_key: &str, ip: &str) -> pb::AuthorizeRequest {
     pb::AuthorizeRequest {
         api_key: api_key.into(),
