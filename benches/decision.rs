@@ -1,5 +1,7 @@
-//! The pure decision engine, no gRPC: `Engine::decide` against a compiled `PolicySnapshot`, plus
-//! the cost of recompiling one key and of building a whole snapshot.
+//! The decision path production runs, without gRPC: `authz::Decider::decide` (snapshot load,
+//! engine, nonce settlement, decision metrics) against a compiled `PolicySnapshot` on the
+//! embedded store's in-process nonce ledger, with the access log off; plus the cost of
+//! recompiling one key and of building a whole snapshot.
 //!
 //! Snapshots:
 //! - `100k_keys_x10`: 100,000 keys with 10 IPv4 allowlist entries each (prefix lengths 16..=32).
@@ -14,7 +16,8 @@
 //! requests use an empty nonce, so the nonce ledger is never touched (its cost is not measured
 //! here), and a timestamp equal to `now`'s seconds. No partner lists, no rate limits.
 //!
-//! Every request list is decided once before timing and must give the expected verdict.
+//! Every request list is decided once before timing and must give the expected verdict. The
+//! decider reads a fixed clock (`NOW`), so signed timestamps stay inside the window.
 //!
 //! Run: `cargo bench --bench decision`.
 
@@ -26,7 +29,13 @@ use criterion::{
     measurement::WallTime,
 };
 use ed25519_dalek::{Signer, SigningKey};
-use keyfence::policy::{
+use keyfence::{
+    authz::{Decider, DeciderParts, Nonces, Origin},
+    sync::PolicySync,
+    telemetry::metrics::Metrics,
+};
+use keyfence_policy::{
+    clock::FixedClock,
     decision::{AuthzRequest, DenyReason, Engine, KeySelector, Mode, Verdict},
     ip::Cidr,
     model::{
@@ -35,8 +44,9 @@ use keyfence::policy::{
     },
     nonce::NonceLedger,
     signature::{SignedRequest, canonical_string, sign_hmac},
-    snapshot::{KeyMaterial, PolicySnapshot},
+    snapshot::{KeyMaterial, PolicySnapshot, SharedPolicy},
 };
+use keyfence_store::{access_log::Frontend, embedded::EmbeddedStore};
 
 const KEYS: usize = 100_000;
 const ENTRIES_PER_KEY: usize = 10;
@@ -133,7 +143,7 @@ enum Scheme {
     Ed25519,
 }
 
-/// Copied from the shape of `policy::snapshot::tests::record` (cfg(test), unreachable here).
+/// `keyfence_policy::fixtures::record` with the benchmark's own ids, partners and schemes.
 fn record(i: usize, scheme: Scheme) -> KeyRecord {
     let at = Audit {
         actor: "bench".into(),
@@ -192,7 +202,8 @@ impl Case {
     fn request(&self) -> AuthzRequest<'_> {
         AuthzRequest {
             key: KeySelector::Presented(&self.secret),
-            client_ip: keyfence::policy::decision::ClientAddress::Text(&self.ip),
+            // The edge parses the address; so does the benchmark, per request.
+            client_ip: self.ip.parse().ok(),
             signature: self.signature.as_deref().map(|signature| SignedRequest {
                 signature,
                 timestamp: NOW_SECS,
@@ -321,11 +332,46 @@ fn scheme_name(scheme: Scheme) -> &'static str {
     }
 }
 
-fn engine() -> Engine {
-    Engine {
-        signature_window_secs: 300,
+/// The decision service as `server::run` builds it for the embedded store, serving `snapshot`
+/// at a fixed clock, with the access log off. The store behind the sync is empty and never read:
+/// the snapshot is published directly.
+struct BenchDecider {
+    decider: Decider,
+    runtime: tokio::runtime::Runtime,
+    _data_dir: tempfile::TempDir,
+}
+
+fn decider(snapshot: &PolicySnapshot) -> BenchDecider {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let store = EmbeddedStore::open(data_dir.path()).expect("embedded store");
+    let policy = std::sync::Arc::new(SharedPolicy::default());
+    policy.publish(snapshot.clone());
+    let decider = Decider::new(DeciderParts {
+        engine: Engine {
+            signature_window_secs: 300,
+        },
+        clock: std::sync::Arc::new(FixedClock(NOW)),
+        sync: PolicySync::new(std::sync::Arc::new(store), policy),
+        nonces: Nonces::Local(NonceLedger::default()),
+        min_revision_wait: Duration::from_secs(2),
+        max_staleness: None,
+        metrics: std::sync::Arc::new(Metrics::new(None)),
+        access: None,
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    BenchDecider {
+        decider,
+        runtime,
+        _data_dir: data_dir,
     }
 }
+
+const ORIGIN: Origin<'static> = Origin {
+    frontend: Frontend::Authorize,
+    endpoint: None,
+};
 
 /// Decides every case once and checks the verdict, then times `decide` cycling through them.
 fn bench_cases(
@@ -335,24 +381,40 @@ fn bench_cases(
     cases: &[Case],
     expected: Verdict,
 ) {
-    let engine = engine();
-    let ledger = NonceLedger::default();
-    for case in cases {
-        let decision = engine.decide(snapshot, &case.request(), NOW, Mode::Enforce, &ledger);
-        assert_eq!(
-            decision.verdict, expected,
-            "{name}: unexpected verdict for {} from {}",
-            case.secret, case.ip
-        );
-    }
-    assert!(ledger.is_empty(), "empty nonces never reach the ledger");
+    let BenchDecider {
+        decider, runtime, ..
+    } = &decider(snapshot);
+    runtime.block_on(async {
+        for case in cases {
+            let decision = decider
+                .decide(&case.request(), 0, Mode::Enforce, ORIGIN)
+                .await
+                .expect("a decision");
+            assert_eq!(
+                decision.verdict, expected,
+                "{name}: unexpected verdict for {} from {}",
+                case.secret, case.ip
+            );
+        }
+    });
     group.bench_function(name, |b| {
         let mut i = 0usize;
-        b.iter(|| {
-            let case = &cases[i % cases.len()];
-            i = i.wrapping_add(1);
-            let request = case.request();
-            black_box(engine.decide(snapshot, black_box(&request), NOW, Mode::Enforce, &ledger))
+        b.iter_custom(|iterations| {
+            runtime.block_on(async {
+                let started = std::time::Instant::now();
+                for _ in 0..iterations {
+                    let case = &cases[i % cases.len()];
+                    i = i.wrapping_add(1);
+                    let request = case.request();
+                    black_box(
+                        decider
+                            .decide(black_box(&request), 0, Mode::Enforce, ORIGIN)
+                            .await
+                            .expect("a decision"),
+                    );
+                }
+                started.elapsed()
+            })
         });
     });
 }

@@ -12,16 +12,14 @@ use std::{
 };
 
 use common::{Server, authorize_request, create_key, entry, key_scope, redis::RedisServer};
-use keyfence::{
-    grpc::pb,
-    policy::model::{
-        AllowlistEntry, Audit, Enforcement, KeyId, KeyRecord, KeyStatus, SecretHash,
-        SignatureScheme, UnixMillis,
-    },
-    store::{
-        Store,
-        redis::{RedisOptions, RedisStore},
-    },
+use keyfence::grpc::pb;
+use keyfence_policy::model::{
+    AllowlistEntry, Audit, Enforcement, KeyId, KeyRecord, KeyStatus, SecretHash, SignatureScheme,
+    UnixMillis,
+};
+use keyfence_store::{
+    Store,
+    redis::{RedisOptions, RedisStore},
 };
 
 const CHANGES: usize = 300;

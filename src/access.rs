@@ -5,45 +5,28 @@
 //! queue drops the event and counts it. One writer task drains the queue in batches: it turns
 //! events into per-key [`Entry`] lists, appends them to the log store (embedded file or Redis streams),
 //! keeps last-used times (flushed every few seconds, not per request) and feeds the alert
-//! detector. Records are grouped per key, so a key's identity is written once per batch. Invariant: the decision path never awaits anything here.
+//! detector. Records are grouped per key, so a key's identity is written once per batch. Where
+//! records are kept is `keyfence_store::access_log`.
+//!
+//! Invariant: the decision path never awaits anything here. This module reports to
+//! `telemetry::metrics`; metrics never imports it.
 
 pub mod alerts;
-pub mod embedded;
-pub mod redis;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use keyfence_policy::{
+    decision::{Decision, DenyReason, Verdict},
+    ip::{Cidr, ClientIp},
+    model::{KeyId, UnixMillis},
+    snapshot::CompiledKey,
+};
+use keyfence_store::access_log::{
+    AccessBatch, AccessLogStore, Entry, Frontend, KeyIdentity, LastUse, Retention,
+};
 use tokio::sync::mpsc;
 
-use crate::{
-    policy::{
-        decision::{Decision, DenyReason, Verdict},
-        ip::{Cidr, ClientIp},
-        model::{Environment, KeyId, PartnerId, UnixMillis},
-        snapshot::CompiledKey,
-    },
-    store::StoreResult,
-    telemetry::metrics::Metrics,
-};
-
-/// Which front end asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Frontend {
-    Authorize,
-    EnvoyCheck,
-}
-
-impl Frontend {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Frontend::Authorize => "authorize",
-            Frontend::EnvoyCheck => "envoy_check",
-        }
-    }
-}
+use crate::telemetry::metrics::Metrics;
 
 /// What the decision path hands over: cheap to build, converted off the hot path.
 pub struct AccessEvent {
@@ -80,132 +63,20 @@ impl AccessEvent {
     }
 }
 
-/// Whose records these are; stored once per key per batch, not per record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyIdentity {
-    pub key_id: KeyId,
-    pub partner_id: PartnerId,
-    pub environment: Environment,
-}
-
-impl KeyIdentity {
-    fn of(key: &CompiledKey) -> KeyIdentity {
-        KeyIdentity {
-            key_id: key.id.clone(),
-            partner_id: key.partner_id.clone(),
-            environment: key.environment.clone(),
-        }
+/// The stored form of an event: fixed-size fields but the endpoint.
+fn entry_of(event: AccessEvent) -> Entry {
+    Entry {
+        at: event.at,
+        frontend: event.frontend,
+        client_ip: event.client_ip.map(ClientIp::addr),
+        allowed: event.allowed,
+        would_deny: event.would_deny,
+        reason: event.reason,
+        endpoint: event.endpoint,
+        matched: event
+            .matched
+            .map(|c| (c.net().network(), c.net().prefix_len())),
     }
-}
-
-/// One decision as stored: fixed-size fields but the endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub at: UnixMillis,
-    pub frontend: Frontend,
-    /// `None` when the caller's address could not be parsed.
-    pub client_ip: Option<IpAddr>,
-    pub allowed: bool,
-    pub would_deny: bool,
-    pub reason: Option<DenyReason>,
-    pub endpoint: Option<(String, String)>,
-    /// The matched network as (address, prefix length).
-    pub matched: Option<(IpAddr, u8)>,
-}
-
-impl Entry {
-    fn of(event: AccessEvent) -> Entry {
-        Entry {
-            at: event.at,
-            frontend: event.frontend,
-            client_ip: event.client_ip.map(ClientIp::addr),
-            allowed: event.allowed,
-            would_deny: event.would_deny,
-            reason: event.reason,
-            endpoint: event.endpoint,
-            matched: event
-                .matched
-                .map(|c| (c.net().network(), c.net().prefix_len())),
-        }
-    }
-
-    pub fn matched_cidr(&self) -> Option<Cidr> {
-        self.matched
-            .and_then(|(addr, len)| Cidr::from_parts(addr, len))
-    }
-}
-
-/// One access-log line as listed: a key's identity and one entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AccessRecord {
-    pub key: KeyIdentity,
-    pub entry: Entry,
-}
-
-/// Records to append: per key, its entries newest first.
-#[derive(Debug, Default)]
-pub struct AccessBatch {
-    pub keys: Vec<(KeyIdentity, Vec<Entry>)>,
-}
-
-impl AccessBatch {
-    pub fn len(&self) -> usize {
-        self.keys.iter().map(|(_, entries)| entries.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.iter().all(|(_, entries)| entries.is_empty())
-    }
-}
-
-/// When and from where a key was last allowed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastUse {
-    pub at: UnixMillis,
-    pub client_ip: String,
-}
-
-/// How much access log is kept per key.
-#[derive(Debug, Clone, Copy)]
-pub struct Retention {
-    pub max_records_per_key: usize,
-    pub max_age: Duration,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Retention {
-            max_records_per_key: 10_000,
-            max_age: Duration::from_secs(30 * 24 * 3600),
-        }
-    }
-}
-
-/// A page request: newest first.
-#[derive(Debug, Clone)]
-pub struct AccessQuery {
-    pub key_id: KeyId,
-    pub limit: usize,
-    pub blocked_only: bool,
-    pub since: Option<UnixMillis>,
-    pub until: Option<UnixMillis>,
-    /// From a previous page: continue after this position.
-    pub page_token: Option<String>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct AccessPage {
-    pub records: Vec<AccessRecord>,
-    pub next_page_token: Option<String>,
-}
-
-/// Where access records and last-used times are kept.
-#[async_trait]
-pub trait AccessLogStore: Send + Sync + 'static {
-    async fn append(&self, batch: AccessBatch, retention: Retention) -> StoreResult<()>;
-    async fn list(&self, query: &AccessQuery) -> StoreResult<AccessPage>;
-    async fn record_last_used(&self, uses: Vec<(KeyId, LastUse)>) -> StoreResult<()>;
-    async fn last_used(&self, ids: &[KeyId]) -> StoreResult<Vec<Option<LastUse>>>;
 }
 
 /// The decision path's handle: offers events to the queue, never waits.
@@ -335,7 +206,7 @@ fn gather(
             batch.keys.len() - 1
         });
         let (identity, entries) = &mut batch.keys[slot];
-        let entry = Entry::of(event);
+        let entry = entry_of(event);
         if entry.allowed {
             match last_used.get_mut(&identity.key_id) {
                 Some(last) if last.0 <= entry.at => *last = (entry.at, entry.client_ip),

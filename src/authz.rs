@@ -1,16 +1,21 @@
 //! The decision service: the engine, the current snapshot, the nonce ledger and read-your-writes,
-//! shared by every front end (Authorize, CheckAccess, Envoy's Check).
+//! shared by every front end (Authorize, Envoy's Check, and the admin layer's dry run through
+//! [`keyfence_admin::Decisions`]). This is the one decision path production runs, and the one the
+//! decision benchmark measures.
 
 use std::{sync::Arc, time::Duration};
 
+use async_trait::async_trait;
+use keyfence_policy::{
+    clock::Clock,
+    decision::{AuthzRequest, Decision, Engine, Evaluation, Mode},
+    model::UnixMillis,
+    nonce::NonceLedger,
+};
+use keyfence_store::{NonceStore, access_log::Frontend};
+
 use crate::{
-    access::{AccessEvent, AccessRecorder, Frontend},
-    policy::{
-        decision::{AuthzRequest, Decision, Engine, Evaluation, Mode},
-        model::UnixMillis,
-        nonce::NonceLedger,
-    },
-    store::NonceStore,
+    access::{AccessEvent, AccessRecorder},
     sync::PolicySync,
     telemetry::metrics::Metrics,
 };
@@ -53,6 +58,8 @@ pub enum Nonces {
 
 pub struct Decider {
     engine: Engine,
+    /// Where `now` comes from: the system clock in production, a fixed one in benchmarks.
+    clock: Arc<dyn Clock>,
     sync: Arc<PolicySync>,
     nonces: Nonces,
     /// How long a request with `min_revision` may wait for the snapshot to catch up.
@@ -67,6 +74,7 @@ pub struct Decider {
 /// Everything a [`Decider`] is built from.
 pub struct DeciderParts {
     pub engine: Engine,
+    pub clock: Arc<dyn Clock>,
     pub sync: Arc<PolicySync>,
     pub nonces: Nonces,
     pub min_revision_wait: Duration,
@@ -79,6 +87,7 @@ impl Decider {
     pub fn new(parts: DeciderParts) -> Decider {
         let DeciderParts {
             engine,
+            clock,
             sync,
             nonces,
             min_revision_wait,
@@ -88,6 +97,7 @@ impl Decider {
         } = parts;
         Decider {
             engine,
+            clock,
             sync,
             nonces,
             min_revision_wait,
@@ -157,7 +167,7 @@ impl Decider {
         } else {
             drop(current);
         }
-        let now = UnixMillis::now();
+        let now = self.clock.now();
         if let Some(max) = self.max_staleness {
             let unconfirmed = self.sync.unconfirmed_for(now).unwrap_or(Duration::MAX);
             if unconfirmed > max {
@@ -175,37 +185,45 @@ impl Decider {
             Evaluation::Decided(decision) => return Ok((decision, now)),
             Evaluation::NonceRequired(pending) => pending,
         };
-        let consume = mode == Mode::Enforce;
-        let claim_locally = |ledger: &NonceLedger| {
-            ledger.claim(
-                pending.key_id(),
-                pending.nonce(),
-                pending.forget_after(),
-                now,
-                consume,
-            )
-        };
-        let fresh = match &self.nonces {
-            Nonces::Local(ledger) => claim_locally(ledger),
+        let decision = match &self.nonces {
+            Nonces::Local(ledger) => pending.settle_locally(ledger),
             Nonces::Shared { store, fallback } => {
                 let ttl = Duration::from_millis(
                     pending.forget_after().0.saturating_sub(now.0).max(1) as u64,
                 );
-                match store
-                    .claim_nonce(pending.key_id(), pending.nonce(), ttl, consume)
-                    .await
-                {
-                    Ok(fresh) => fresh,
-                    Err(error) => match fallback {
-                        Some(ledger) => {
-                            tracing::warn!(%error, "nonce store unavailable; using this replica's ledger");
-                            claim_locally(ledger)
-                        }
-                        None => return Err(AuthzError::NonceStoreUnavailable(error.to_string())),
-                    },
+                let claimed = store
+                    .claim_nonce(pending.key_id(), pending.nonce(), ttl, mode.consumes())
+                    .await;
+                match (claimed, fallback) {
+                    (Ok(fresh), _) => pending.finish(fresh),
+                    (Err(error), Some(ledger)) => {
+                        tracing::warn!(%error, "nonce store unavailable; using this replica's ledger");
+                        pending.settle_locally(ledger)
+                    }
+                    (Err(error), None) => {
+                        return Err(AuthzError::NonceStoreUnavailable(error.to_string()));
+                    }
                 }
             }
         };
-        Ok((pending.finish(fresh), now))
+        Ok((decision, now))
+    }
+}
+
+/// The admin layer's view of the decision service: "test this key" and read-your-writes.
+#[async_trait]
+impl keyfence_admin::Decisions for Decider {
+    async fn dry_run(&self, request: &AuthzRequest<'_>) -> Result<Decision, String> {
+        let origin = Origin {
+            frontend: Frontend::Authorize,
+            endpoint: None,
+        };
+        self.decide(request, 0, Mode::DryRun, origin)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> bool {
+        self.sync.wait_for_revision(revision, timeout).await
     }
 }

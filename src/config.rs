@@ -11,13 +11,13 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{
-    access::{Retention, alerts::AlertConfig},
-    policy::{
-        ip::Cidr,
-        model::{Environment, Environments},
-    },
+use keyfence_policy::{
+    ip::Cidr,
+    model::{Environment, Environments},
 };
+use keyfence_store::access_log::Retention;
+
+use crate::access::alerts::AlertConfig;
 
 /// Flags and environment variables for `keyfence serve`. Every field is optional so that a value
 /// left unset here falls through to the config file, then to the default.

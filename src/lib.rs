@@ -1,14 +1,19 @@
-//! keyfence: a policy decision point for partner API keys.
+//! keyfence: a policy decision point for partner API keys. This package is the edge and the
+//! runtime; the core lives in the workspace's crates (see ARCHITECTURE.md):
+//! - `keyfence_policy`: domain types and the pure decision engine; no I/O, no clock.
+//! - `keyfence_store`: the source of truth (embedded redb, or Redis for many replicas) and the
+//!   access log.
+//! - `keyfence_admin`: the admin application layer, every admin rule once.
 //!
-//! Layout, inner to outer (dependencies point inward):
-//! - [`policy`]: domain types and the pure decision engine; knows nothing of I/O.
-//! - [`store`]: the source of truth (embedded file store; Redis later), one trait.
+//! Layout of this package, inner to outer (dependencies point inward):
+//! - [`system`]: the real clock and the OS random source, handed to the layers that take them.
 //! - [`sync`]: applies store changes to the in-memory policy snapshot.
+//! - [`telemetry`]: logs, OpenTelemetry export and Prometheus metrics.
+//! - [`access`]: records decisions in the access log and raises alerts, off the decision path.
+//! - [`authz`]: the decision service every data-plane front end shares.
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
 //! - [`server`]: wires the above together and runs the listeners.
-//! - [`access`]: access logs, last-used times and blocked-attempt alerts, off the decision path.
-//! - [`telemetry`]: logs, OpenTelemetry export and Prometheus metrics.
 //! - [`cli`]: the admin command line, a client of the Admin service.
 #![forbid(unsafe_code)]
 
@@ -17,8 +22,7 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod grpc;
-pub mod policy;
 pub mod server;
-pub mod store;
 pub mod sync;
+pub mod system;
 pub mod telemetry;

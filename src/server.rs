@@ -1,38 +1,37 @@
-//! Wires the store, the sync task, the decision service, the access log, metrics and the gRPC
-//! listeners together, and runs them until shutdown. `main` binds the listeners and calls [`run`];
-//! the integration tests start the same binary on port 0.
+//! Wires the store, the sync task, the decision service, the admin layer, the access log, metrics
+//! and the gRPC listeners together, and runs them until shutdown. `main` binds the listeners and
+//! calls [`run`]; the integration tests start the same binary on port 0.
+//!
+//! Invariant: no generated protobuf or server type is named here; the routers are `grpc`'s.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use keyfence_admin::{Admin, AdminParts};
+use keyfence_policy::{
+    client_ip::TrustedProxies, decision::Engine, nonce::NonceLedger, snapshot::SharedPolicy,
+};
+use keyfence_store::{
+    Store, StoreError,
+    access_log::{AccessLogStore, embedded::EmbeddedAccessLog},
+    embedded::EmbeddedStore,
+    redis::{CHANGE_LOG_LEN, RedisOptions, RedisStore},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
-    access::{self, AccessLogConfig, AccessLogStore, embedded::EmbeddedAccessLog},
+    access::{self, AccessLogConfig, AccessRecorder},
     authz::{Decider, DeciderParts, Nonces},
     config::Config,
     grpc::{
-        admin::AdminService,
         auth::AdminAuth,
-        authorizer::AuthorizerService,
-        ext_authz::{AuthorizationServer, ExtAuthzService, ExtAuthzSettings, denial::DenialDetail},
-        pb::{admin_server::AdminServer, authorizer_server::AuthorizerServer},
-    },
-    policy::{
-        client_ip::TrustedProxies, decision::Engine, nonce::NonceLedger, snapshot::SharedPolicy,
-    },
-    store::{
-        Store, StoreError,
-        embedded::EmbeddedStore,
-        redis::{RedisOptions, RedisStore},
+        ext_authz::{ExtAuthzSettings, denial::DenialDetail},
+        planes::{self, GrpcError, PlaneHealth},
     },
     sync::PolicySync,
+    system::{OsRandom, SystemClock},
     telemetry::metrics::{self, Metrics},
 };
 
-/// Admin requests may carry whole allowlists (100,000 entries is a few MiB).
-const ADMIN_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How long an admin write waits for the local snapshot to include it.
 const WRITE_VISIBILITY_WAIT: Duration = Duration::from_secs(5);
 /// How often last-used times are written.
@@ -47,10 +46,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("grpc server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    #[error("reflection setup failed: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Grpc(#[from] GrpcError),
 }
 
 /// The bound listeners.
@@ -96,7 +93,7 @@ fn backends(config: &Config) -> Result<Backends, ServerError> {
             let store = RedisStore::connect(RedisOptions {
                 url: redis.url.clone(),
                 namespace: redis.namespace.clone(),
-                change_log_len: crate::store::redis::CHANGE_LOG_LEN,
+                change_log_len: CHANGE_LOG_LEN,
             })?;
             let fallback = redis.nonce_fallback_local.then(NonceLedger::default);
             Backends {
@@ -105,6 +102,102 @@ fn backends(config: &Config) -> Result<Backends, ServerError> {
                 nonces: Nonces::Shared { store, fallback },
             }
         }
+    })
+}
+
+/// One shutdown signal, handed to every task as a future of its own.
+#[derive(Clone)]
+struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    fn after(shutdown: impl Future<Output = ()> + Send + 'static) -> Stop {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        Stop(stop_rx)
+    }
+
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+/// Loads the policy once. The embedded store is local, so failing to read it is fatal; Redis may
+/// come later, and until the first load the service reports NOT_SERVING and answers UNAVAILABLE.
+async fn first_load(sync: &PolicySync, config: &Config) -> Result<(), ServerError> {
+    match sync.full_reload().await {
+        Ok(_) => Ok(()),
+        Err(error) if config.redis.is_none() => Err(error.into()),
+        Err(error) => {
+            tracing::warn!(%error, "cannot load the policy yet; not serving until it loads");
+            Ok(())
+        }
+    }
+}
+
+fn start_access_log(
+    config: &Config,
+    access_log: Arc<dyn AccessLogStore>,
+    metrics: &Arc<Metrics>,
+    stop: &Stop,
+) -> (Option<AccessRecorder>, Option<JoinHandle<()>>) {
+    if !config.access_log.enabled {
+        return (None, None);
+    }
+    let (recorder, task) = access::start(
+        access_log,
+        AccessLogConfig {
+            queue_capacity: config.access_log.queue_capacity,
+            retention: config.access_log.retention,
+            last_used_flush: LAST_USED_FLUSH,
+            alerts: config.access_log.alerts.clone(),
+        },
+        metrics.clone(),
+        stop.stopped(),
+    );
+    (Some(recorder), Some(task))
+}
+
+fn ext_authz_settings(config: &Config) -> ExtAuthzSettings {
+    ExtAuthzSettings {
+        trusted_proxies: TrustedProxies::new(
+            config.trusted_proxies.clone(),
+            config.trust_x_real_ip,
+        ),
+        denials: match (
+            config.detailed_denials,
+            config.detailed_denials_include_allowlist,
+        ) {
+            (false, _) => DenialDetail::Opaque,
+            (true, include_allowlist) => DenialDetail::Detailed { include_allowlist },
+        },
+    }
+}
+
+/// NOT_SERVING until the policy has loaded once; from then on SERVING, even while the store is
+/// unreachable, because decisions come from the last snapshot.
+async fn report_health(health: &PlaneHealth, sync: &Arc<PolicySync>) {
+    if sync.policy().load().is_loaded() {
+        health.set_serving(true).await;
+        return;
+    }
+    health.set_serving(false).await;
+    let (health, sync) = (health.clone(), sync.clone());
+    tokio::spawn(async move {
+        sync.wait_until_loaded().await;
+        health.set_serving(true).await;
+    });
+}
+
+fn local_addr(listener: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, ServerError> {
+    listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: configured,
+        source,
     })
 }
 
@@ -120,52 +213,18 @@ pub async fn run(
         access_log,
         nonces,
     } = backends(&config)?;
-    let policy = Arc::new(SharedPolicy::default());
-    let sync = PolicySync::new(store.clone(), policy);
-    match sync.full_reload().await {
-        Ok(_) => {}
-        // The embedded store is local: failing to read it is fatal.
-        Err(error) if config.redis.is_none() => return Err(error.into()),
-        // Redis may come later: serve NOT_SERVING / UNAVAILABLE until the first load.
-        Err(error) => {
-            tracing::warn!(%error, "cannot load the policy yet; not serving until it loads")
-        }
-    }
+    let sync = PolicySync::new(store.clone(), Arc::new(SharedPolicy::default()));
+    first_load(&sync, &config).await?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, stopped()));
-
-    let (recorder, access_task) = if config.access_log.enabled {
-        let (recorder, task) = access::start(
-            access_log.clone(),
-            AccessLogConfig {
-                queue_capacity: config.access_log.queue_capacity,
-                retention: config.access_log.retention,
-                last_used_flush: LAST_USED_FLUSH,
-                alerts: config.access_log.alerts.clone(),
-            },
-            metrics.clone(),
-            stopped(),
-        );
-        (Some(recorder), Some(task))
-    } else {
-        (None, None)
-    };
+    let stop = Stop::after(shutdown);
+    let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, stop.stopped()));
+    let (recorder, access_task) = start_access_log(&config, access_log.clone(), &metrics, &stop);
 
     let decider = Arc::new(Decider::new(DeciderParts {
         engine: Engine {
             signature_window_secs: config.signature_window.as_secs() as i64,
         },
+        clock: Arc::new(SystemClock),
         sync: sync.clone(),
         nonces,
         min_revision_wait: config.min_revision_wait,
@@ -173,100 +232,34 @@ pub async fn run(
         metrics: metrics.clone(),
         access: recorder,
     }));
-    let ext_authz = ExtAuthzService::new(
-        decider.clone(),
-        ExtAuthzSettings {
-            trusted_proxies: TrustedProxies::new(
-                config.trusted_proxies.clone(),
-                config.trust_x_real_ip,
-            ),
-            denials: match (
-                config.detailed_denials,
-                config.detailed_denials_include_allowlist,
-            ) {
-                (false, _) => DenialDetail::Opaque,
-                (true, include_allowlist) => DenialDetail::Detailed { include_allowlist },
-            },
-        },
-    );
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // NOT_SERVING until the policy has loaded once; from then on SERVING, even while the store
-    // is unreachable, because decisions come from the last snapshot.
-    let serving = {
-        let health = health.clone();
-        let sync = sync.clone();
-        async move {
-            sync.wait_until_loaded().await;
-            health
-                .set_serving::<AuthorizerServer<AuthorizerService>>()
-                .await;
-            health
-                .set_serving::<AuthorizationServer<ExtAuthzService>>()
-                .await;
-            health.set_serving::<AdminServer<AdminService>>().await;
-        }
-    };
-    if sync.policy().load().is_loaded() {
-        serving.await;
-    } else {
-        health
-            .set_not_serving::<AuthorizerServer<AuthorizerService>>()
-            .await;
-        health
-            .set_not_serving::<AuthorizationServer<ExtAuthzService>>()
-            .await;
-        health.set_not_serving::<AdminServer<AdminService>>().await;
-        tokio::spawn(serving);
-    }
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::grpc::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-    };
-
-    let local = |listener: &TcpListener, configured: SocketAddr| {
-        listener.local_addr().map_err(|source| ServerError::Bind {
-            addr: configured,
-            source,
-        })
-    };
-    let data_addr = local(&listeners.data, config.listen)?;
-    let admin_addr = local(&listeners.admin, config.admin_listen)?;
-
-    let data_plane = Server::builder()
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .add_service(health_service.clone())
-        .add_service(reflection()?)
-        .add_service(AuthorizerServer::new(AuthorizerService::new(
-            decider.clone(),
-        )))
-        .add_service(AuthorizationServer::new(ext_authz))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.data), stopped());
-
-    let admin = AdminService::new(
+    let admin = Arc::new(Admin::new(AdminParts {
         store,
         access_log,
-        decider,
-        config.environments.clone(),
-        WRITE_VISIBILITY_WAIT,
+        decisions: decider.clone(),
+        clock: Arc::new(SystemClock),
+        random: Arc::new(OsRandom),
+        environments: config.environments.clone(),
+        visibility_wait: WRITE_VISIBILITY_WAIT,
+    }));
+
+    let health = PlaneHealth::default();
+    report_health(&health, &sync).await;
+    let data_addr = local_addr(&listeners.data, config.listen)?;
+    let admin_addr = local_addr(&listeners.admin, config.admin_listen)?;
+    let data_plane = planes::serve(
+        planes::data_plane(decider, ext_authz_settings(&config), &health)?,
+        listeners.data,
+        stop.stopped(),
     );
-    let admin_plane = Server::builder()
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .add_service(health_service)
-        .add_service(reflection()?)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(admin)
-                .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
-            AdminAuth::new(config.admin_token.clone()),
-        ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.admin), stopped());
+    let admin_plane = planes::serve(
+        planes::admin_plane(admin, AdminAuth::new(config.admin_token.clone()), &health)?,
+        listeners.admin,
+        stop.stopped(),
+    );
 
     let mut ready = format!("keyfence ready: data={data_addr} admin={admin_addr}");
     if let Some(listener) = listeners.metrics {
-        let addr = local(
+        let addr = local_addr(
             &listener,
             config.metrics_listen.expect("bound because configured"),
         )?;
@@ -274,23 +267,17 @@ pub async fn run(
         ready.push_str(&format!(" metrics={addr}"));
         tokio::spawn(metrics::serve(
             listener,
-            metrics.clone(),
+            metrics,
             sync.clone(),
-            stopped(),
+            stop.stopped(),
         ));
     }
-
     tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
     // A line for scripts and tests that start the binary on port 0.
     println!("{ready}");
 
     let result = tokio::try_join!(data_plane, admin_plane);
-    health
-        .set_not_serving::<AuthorizerServer<AuthorizerService>>()
-        .await;
-    health
-        .set_not_serving::<AuthorizationServer<ExtAuthzService>>()
-        .await;
+    health.set_serving(false).await;
     let _ = sync_task.await;
     if let Some(task) = access_task {
         // The writer drains what is queued before it stops.

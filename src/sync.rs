@@ -17,13 +17,14 @@ use std::{
 
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::{
-    policy::{
-        model::{Scope, UnixMillis},
-        snapshot::{PolicySnapshot, SharedPolicy},
-    },
-    store::{ChangesSince, Store, StoreResult},
+use keyfence_policy::{
+    clock::Clock,
+    model::{Scope, UnixMillis},
+    snapshot::{PolicySnapshot, SharedPolicy},
 };
+use keyfence_store::{ChangesSince, Store, StoreResult};
+
+use crate::system::SystemClock;
 
 pub struct PolicySync {
     store: Arc<dyn Store>,
@@ -107,7 +108,7 @@ impl PolicySync {
         self.policy.publish(snapshot);
         self.full_reloads.fetch_add(1, Ordering::Relaxed);
         self.confirmed_at
-            .store(UnixMillis::now().0, Ordering::Relaxed);
+            .store(SystemClock.now().0, Ordering::Relaxed);
         self.applied.send_replace(revision);
         Ok(revision)
     }
@@ -120,7 +121,7 @@ impl PolicySync {
             let revision = self.full_reload_locked().await?;
             return Ok(CatchUp::Reloaded { revision });
         }
-        let checked_at = UnixMillis::now();
+        let checked_at = SystemClock.now();
         let changes = match self.store.changes_since(current.revision()).await? {
             ChangesSince::Gap => {
                 tracing::warn!(

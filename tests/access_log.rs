@@ -5,16 +5,18 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use keyfence::{
-    access::{
+use keyfence::system::SystemClock;
+use keyfence_policy::{
+    clock::Clock,
+    decision::DenyReason,
+    model::{KeyId, UnixMillis},
+};
+use keyfence_store::{
+    access_log::{
         AccessBatch, AccessLogStore, AccessQuery, AccessRecord, Entry, Frontend, KeyIdentity,
         LastUse, Retention, embedded::EmbeddedAccessLog,
     },
-    policy::{
-        decision::DenyReason,
-        model::{KeyId, UnixMillis},
-    },
-    store::redis::{RedisOptions, RedisStore},
+    redis::{RedisOptions, RedisStore},
 };
 
 fn entry(at: UnixMillis, ip: &str, allowed: bool) -> Entry {
@@ -68,7 +70,7 @@ const KEEP_ALL: Retention = Retention {
 };
 
 async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
-    let now = UnixMillis::now();
+    let now = SystemClock.now();
     let entries: Vec<Entry> = (0..10)
         .map(|i| {
             entry(
@@ -160,7 +162,7 @@ async fn newest_first_filters_and_paging(log: Arc<dyn AccessLogStore>) {
 }
 
 async fn retention_by_count_and_age(log: Arc<dyn AccessLogStore>) {
-    let now = UnixMillis::now();
+    let now = SystemClock.now();
     let retention = Retention {
         max_records_per_key: 5,
         max_age: Duration::from_secs(60),
@@ -266,7 +268,7 @@ async fn embedded_count_retention_is_exact() {
         max_records_per_key: 5,
         max_age: Duration::from_secs(60),
     };
-    let now = UnixMillis::now();
+    let now = SystemClock.now();
     log.append(
         batch(
             "key_a",

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use keyfence::policy::{
+use keyfence_policy::{
     allowlist::{CompiledAllowlist, EntryRule},
     ip::{Cidr, ClientIp},
     model::UnixMillis,

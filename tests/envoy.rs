@@ -8,7 +8,8 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 
 use common::{envoy::*, *};
-use keyfence::{grpc::pb, policy::signature::sign_hmac};
+use keyfence::grpc::pb;
+use keyfence_policy::signature::sign_hmac;
 
 const ALLOWED: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 const OTHER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));

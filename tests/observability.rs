@@ -565,7 +565,7 @@ async fn otlp_exports_only_when_configured_and_never_secrets() {
     let signing_secret = signing_secret(&created);
     let now = now_secs();
     let signature =
-        keyfence::policy::signature::sign_hmac(&signing_secret, now, "n-1", "GET", "/", b"");
+        keyfence_policy::signature::sign_hmac(&signing_secret, now, "n-1", "GET", "/", b"");
     let mut authz = server.authorizer().await;
     let request = pb::AuthorizeRequest {
         api_key: created.secret.clone(),

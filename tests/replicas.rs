@@ -7,10 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{redis::RedisServer, *};
-use keyfence::{
-    grpc::pb::{self, DenyReason},
-    policy::signature::sign_hmac,
-};
+use keyfence::grpc::pb::{self, DenyReason};
+use keyfence_policy::signature::sign_hmac;
 use tonic::Code;
 
 fn replica(redis: &RedisServer, extra: &[&str]) -> Server {

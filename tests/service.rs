@@ -8,10 +8,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use ed25519_dalek::{Signer, SigningKey};
-use keyfence::{
-    grpc::pb::{self, DenyReason},
-    policy::signature::{canonical_string, sign_hmac},
-};
+use keyfence::grpc::pb::{self, DenyReason};
+use keyfence_policy::signature::{canonical_string, sign_hmac};
 use tonic::Code;
 
 fn signed(
@@ -489,6 +487,49 @@ async fn bulk_write_is_all_or_nothing() {
     assert_eq!(
         decide(&mut authz, authorize_request(&key.secret, "10.3.231.9")).await,
         ALLOW
+    );
+}
+
+/// CreateKey used to bypass the allowlist rules and store a duplicate network; it now goes
+/// through the same admin-layer rule as AddAllowlistEntries, and creates nothing.
+#[tokio::test]
+async fn create_key_rejects_a_duplicate_network_as_additions_do() {
+    let server = Server::start(&[]);
+    let mut admin = server.admin().await;
+    let request = pb::CreateKeyRequest {
+        partner_id: "acme".into(),
+        environment: "production".into(),
+        name: "duplicate networks".into(),
+        ip_allowlist_enabled: true,
+        allowlist: vec![entry("192.0.2.1"), entry("10.0.0.0/8"), entry("10.0.0.0/8")],
+        ..Default::default()
+    };
+    let status = admin.create_key(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "allowlist[2].cidr: 10.0.0.0/8 duplicates allowlist[1]"
+    );
+    let keys = admin
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(keys.keys.is_empty(), "nothing was created: {:?}", keys.keys);
+
+    // The same entries, added to an existing key, are refused for the same reason.
+    let key = create_key(&mut admin, "acme", "production", &["192.0.2.1"]).await;
+    let status = admin
+        .add_allowlist_entries(pb::AddAllowlistEntriesRequest {
+            scope: key_scope(&key.key.unwrap().id),
+            entries: vec![entry("192.0.2.1"), entry("10.0.0.0/8"), entry("10.0.0.0/8")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.message(),
+        "entries[2].cidr: 10.0.0.0/8 duplicates entries[1]"
     );
 }
 

@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use keyfence::{
-    policy::model::{
-        AllowlistEntry, Audit, Enforcement, KeyId, KeyRecord, KeyStatus, PartnerScope, Scope,
-        SecretHash, SignatureScheme, UnixMillis,
-    },
-    store::{ChangesSince, KeyFilter, Store, StoreError, ops},
+use keyfence_admin::rules;
+use keyfence_policy::model::{
+    AllowlistEntry, Audit, Enforcement, KeyId, KeyRecord, KeyStatus, PartnerScope, Scope,
+    SecretHash, SignatureScheme, UnixMillis,
 };
+use keyfence_store::{ChangesSince, KeyFilter, Store, StoreError};
 
 fn audit() -> Audit {
     Audit {
@@ -104,9 +103,9 @@ pub async fn failed_edits_change_nothing(store: Arc<dyn Store>) {
     let result = store
         .modify_allowlist(
             &scope,
-            Box::new(|list| {
+            Box::new(|_, list| {
                 list.push(entry("192.0.2.0/24"));
-                Err(StoreError::rejected("entries[1].cidr", "bad"))
+                Err(StoreError::rejected("entries[1].cidr: bad"))
             }),
         )
         .await;
@@ -143,7 +142,7 @@ pub async fn revisions_and_change_log(store: Arc<dyn Store>) {
     let added = store
         .modify_allowlist(
             &scope,
-            Box::new(|list| ops::add_entries(list, vec![entry("192.0.2.0/24")])),
+            Box::new(|_, list| Ok(rules::add_entries(list, vec![entry("192.0.2.0/24")])?)),
         )
         .await
         .unwrap();
@@ -257,17 +256,21 @@ pub async fn revoked_keys_reject_allowlist_edits(store: Arc<dyn Store>) {
     let result = store
         .modify_allowlist(
             &Scope::Key("key_a".parse().unwrap()),
-            Box::new(|list| ops::add_entries(list, vec![entry("10.0.0.1")])),
+            // The admin layer's rule, run on the key as the store's transaction reads it.
+            Box::new(|key, list| {
+                rules::ensure_editable(key)?;
+                Ok(rules::add_entries(list, vec![entry("10.0.0.1")])?)
+            }),
         )
         .await;
     assert!(
-        matches!(result, Err(StoreError::FailedPrecondition(_))),
+        matches!(&result, Err(StoreError::Rejected(cause)) if cause.to_string().contains("is revoked")),
         "{result:?}"
     );
     let missing = store
         .modify_allowlist(
             &Scope::Key("key_nope".parse().unwrap()),
-            Box::new(|_| Ok(())),
+            Box::new(|_, _| Ok(())),
         )
         .await;
     assert!(matches!(missing, Err(StoreError::NotFound(_))));
@@ -283,8 +286,11 @@ pub async fn concurrent_adds_all_survive(store: Arc<dyn Store>) {
             store
                 .modify_allowlist(
                     &scope,
-                    Box::new(move |list| {
-                        ops::add_entries(list, vec![entry(&format!("10.0.{i}.0/24"))])
+                    Box::new(move |_, list| {
+                        Ok(rules::add_entries(
+                            list,
+                            vec![entry(&format!("10.0.{i}.0/24"))],
+                        )?)
                     }),
                 )
                 .await
@@ -337,7 +343,7 @@ macro_rules! conformance {
 
 fn embedded() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = keyfence::store::embedded::EmbeddedStore::open(&dir.path().join("data")).unwrap();
+    let store = keyfence_store::embedded::EmbeddedStore::open(&dir.path().join("data")).unwrap();
     (Arc::new(store), dir)
 }
 
@@ -348,7 +354,7 @@ mod redis_server;
 
 fn redis() -> (Arc<dyn Store>, redis_server::RedisServer) {
     let server = redis_server::RedisServer::start();
-    let store = keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+    let store = keyfence_store::redis::RedisStore::connect(keyfence_store::redis::RedisOptions {
         url: server.url(),
         namespace: "conformance".into(),
         change_log_len: 100,
@@ -362,7 +368,7 @@ conformance!(redis_store, redis());
 #[tokio::test]
 async fn redis_change_log_reports_a_gap_past_its_length() {
     let server = redis_server::RedisServer::start();
-    let store = keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+    let store = keyfence_store::redis::RedisStore::connect(keyfence_store::redis::RedisOptions {
         url: server.url(),
         namespace: "gap".into(),
         change_log_len: 20,
@@ -389,7 +395,7 @@ async fn redis_change_log_reports_a_gap_past_its_length() {
 async fn redis_namespaces_do_not_see_each_other() {
     let server = redis_server::RedisServer::start();
     let open = |ns: &str| {
-        keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+        keyfence_store::redis::RedisStore::connect(keyfence_store::redis::RedisOptions {
             url: server.url(),
             namespace: ns.into(),
             change_log_len: 100,
@@ -410,7 +416,7 @@ async fn redis_namespaces_do_not_see_each_other() {
 #[tokio::test]
 async fn redis_down_fails_fast_and_recovers() {
     let mut server = redis_server::RedisServer::start();
-    let store = keyfence::store::redis::RedisStore::connect(keyfence::store::redis::RedisOptions {
+    let store = keyfence_store::redis::RedisStore::connect(keyfence_store::redis::RedisOptions {
         url: server.url(),
         namespace: "down".into(),
         change_log_len: 100,
@@ -458,7 +464,7 @@ async fn embedded_store_survives_reopen_and_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
     {
-        let store = keyfence::store::embedded::EmbeddedStore::open(&path).unwrap();
+        let store = keyfence_store::embedded::EmbeddedStore::open(&path).unwrap();
         store
             .insert_key(
                 record("key_a", "acme", "production"),
@@ -466,13 +472,13 @@ async fn embedded_store_survives_reopen_and_is_private() {
             )
             .await
             .unwrap();
-        let second = keyfence::store::embedded::EmbeddedStore::open(&path);
+        let second = keyfence_store::embedded::EmbeddedStore::open(&path);
         assert!(
             matches!(second, Err(StoreError::Unavailable(_))),
             "a second process may not open the same store"
         );
     }
-    let store = keyfence::store::embedded::EmbeddedStore::open(&path).unwrap();
+    let store = keyfence_store::embedded::EmbeddedStore::open(&path).unwrap();
     let state = store.load_all().await.unwrap();
     assert_eq!(state.revision, 1);
     assert_eq!(state.keys[0].entries, vec![entry("10.0.0.0/8")]);
@@ -489,11 +495,9 @@ async fn embedded_store_survives_reopen_and_is_private() {
 #[tokio::test]
 async fn embedded_change_log_reports_a_gap_past_its_length() {
     let dir = tempfile::tempdir().unwrap();
-    let store = keyfence::store::embedded::EmbeddedStore::open_with_change_log(
-        &dir.path().join("data"),
-        20,
-    )
-    .unwrap();
+    let store =
+        keyfence_store::embedded::EmbeddedStore::open_with_change_log(&dir.path().join("data"), 20)
+            .unwrap();
     store
         .insert_key(record("key_a", "acme", "production"), vec![])
         .await

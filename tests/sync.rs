@@ -2,17 +2,15 @@
 
 use std::{sync::Arc, time::Duration};
 
-use keyfence::{
-    policy::{
-        model::{
-            AllowlistEntry, Audit, Enforcement, KeyRecord, KeyStatus, SecretHash, SignatureScheme,
-            UnixMillis,
-        },
-        snapshot::SharedPolicy,
+use keyfence::sync::PolicySync;
+use keyfence_policy::{
+    model::{
+        AllowlistEntry, Audit, Enforcement, KeyRecord, KeyStatus, SecretHash, SignatureScheme,
+        UnixMillis,
     },
-    store::{Store, embedded::EmbeddedStore},
-    sync::PolicySync,
+    snapshot::SharedPolicy,
 };
+use keyfence_store::{Store, embedded::EmbeddedStore};
 
 fn record(id: &str) -> KeyRecord {
     let audit = Audit {

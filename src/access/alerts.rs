@@ -12,11 +12,10 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::{Entry, KeyIdentity};
-use crate::{
-    policy::model::{KeyId, UnixMillis},
-    telemetry::metrics::Metrics,
-};
+use keyfence_policy::model::{KeyId, UnixMillis};
+use keyfence_store::access_log::{Entry, KeyIdentity};
+
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct AlertConfig {

@@ -1,6 +1,7 @@
 //! Admin authentication: `authorization: Bearer <token>` compared in constant time, and the
-//! caller's self-declared name (`x-keyfence-actor`) for audit fields.
+//! [`Principal`] the admin layer records in audit fields.
 
+use keyfence_admin::Principal;
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
 
@@ -42,10 +43,11 @@ impl Interceptor for AdminAuth {
     }
 }
 
-/// The name to record for the caller: printable, at most 128 characters.
-pub fn actor<T>(request: &Request<T>) -> Result<String, Status> {
+/// The caller, for the admin layer: today the name it gives in `x-keyfence-actor` (printable, at
+/// most 128 characters), or [`DEFAULT_ACTOR`].
+pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
     let Some(value) = request.metadata().get(ACTOR_HEADER) else {
-        return Ok(DEFAULT_ACTOR.to_owned());
+        return Ok(Principal::new(DEFAULT_ACTOR));
     };
     let text = value.to_str().map_err(|_| {
         Status::invalid_argument(format!("{ACTOR_HEADER}: must be printable ASCII"))
@@ -55,7 +57,7 @@ pub fn actor<T>(request: &Request<T>) -> Result<String, Status> {
             "{ACTOR_HEADER}: must be 1 to 128 characters"
         )));
     }
-    Ok(text.to_owned())
+    Ok(Principal::new(text))
 }
 
 #[cfg(test)]
@@ -92,11 +94,11 @@ mod tests {
 
     #[test]
     fn actor_defaults_and_validates() {
-        assert_eq!(actor(&Request::new(())).unwrap(), DEFAULT_ACTOR);
+        assert_eq!(principal(&Request::new(())).unwrap().name(), DEFAULT_ACTOR);
         let mut request = Request::new(());
         request
             .metadata_mut()
             .insert(ACTOR_HEADER, "alice@ops".parse().unwrap());
-        assert_eq!(actor(&request).unwrap(), "alice@ops");
+        assert_eq!(principal(&request).unwrap().name(), "alice@ops");
     }
 }

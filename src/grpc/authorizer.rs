@@ -2,21 +2,16 @@
 
 use std::sync::Arc;
 
+use keyfence_policy::decision::{AuthzRequest, Decision, KeySelector, Mode};
+use keyfence_store::access_log::Frontend;
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert::{self, MAX_API_KEY_BYTES, MAX_NONCE_BYTES},
+    convert,
+    decision_io::{client_ip, record_decision, require_api_key, signed_request},
     pb::{self, authorizer_server::Authorizer},
-    status::invalid,
 };
-use crate::{
-    access::Frontend,
-    authz::{AuthzError, Decider, Origin},
-    policy::{
-        decision::{AuthzRequest, ClientAddress, Decision, KeySelector, Mode},
-        signature::SignedRequest,
-    },
-};
+use crate::authz::{Decider, Origin};
 
 pub struct AuthorizerService {
     decider: Arc<Decider>,
@@ -28,50 +23,6 @@ impl AuthorizerService {
     }
 }
 
-impl From<AuthzError> for Status {
-    fn from(error: AuthzError) -> Status {
-        Status::unavailable(error.to_string())
-    }
-}
-
-/// Signature fields as the engine reads them; checks the sizes the edge promises.
-pub fn signed_request(
-    input: Option<&pb::SignatureInput>,
-) -> Result<Option<SignedRequest<'_>>, Status> {
-    let Some(input) = input else {
-        return Ok(None);
-    };
-    if input.nonce.len() > MAX_NONCE_BYTES {
-        return Err(invalid(
-            "signature.nonce",
-            format!("is longer than {MAX_NONCE_BYTES} bytes"),
-        ));
-    }
-    Ok(Some(SignedRequest {
-        signature: &input.signature,
-        timestamp: input.timestamp,
-        nonce: &input.nonce,
-        method: &input.method,
-        path: &input.path,
-        body: &input.body,
-        // Authorize callers hand over the body themselves.
-        body_complete: true,
-    }))
-}
-
-pub fn require_api_key(field: &str, api_key: &str) -> Result<(), Status> {
-    if api_key.is_empty() {
-        return Err(invalid(field, "is empty"));
-    }
-    if api_key.len() > MAX_API_KEY_BYTES {
-        return Err(invalid(
-            field,
-            format!("is longer than {MAX_API_KEY_BYTES} bytes"),
-        ));
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl Authorizer for AuthorizerService {
     #[tracing::instrument(name = "authorize", skip_all, fields(key_id, decision, reason))]
@@ -81,12 +32,9 @@ impl Authorizer for AuthorizerService {
     ) -> Result<Response<pb::AuthorizeResponse>, Status> {
         let request = request.into_inner();
         require_api_key("api_key", &request.api_key)?;
-        if request.client_ip.is_empty() {
-            return Err(invalid("client_ip", "is empty"));
-        }
         let question = AuthzRequest {
             key: KeySelector::Presented(&request.api_key),
-            client_ip: ClientAddress::Text(&request.client_ip),
+            client_ip: client_ip("client_ip", &request.client_ip)?,
             signature: signed_request(request.signature.as_ref())?,
         };
         let origin = Origin {
@@ -104,22 +52,6 @@ impl Authorizer for AuthorizerService {
         record_decision(&decision);
         Ok(Response::new(authorize_response(&decision)))
     }
-}
-
-/// Adds the decision to the current span (never the presented key).
-pub fn record_decision(decision: &Decision) {
-    let span = tracing::Span::current();
-    if let Some(key) = &decision.key {
-        span.record("key_id", key.id.as_str());
-    }
-    span.record(
-        "decision",
-        if decision.is_allow() { "allow" } else { "deny" },
-    );
-    if let Some(reason) = decision.reason() {
-        span.record("reason", reason.as_str());
-    }
-    tracing::debug!("decided");
 }
 
 fn authorize_response(decision: &Decision) -> pb::AuthorizeResponse {

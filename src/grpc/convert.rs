@@ -1,23 +1,20 @@
-//! Conversions between protobuf messages and policy types. Inbound conversions validate and name
-//! the offending field; outbound ones cannot fail.
+//! Conversions between protobuf messages and domain types. Inbound conversions validate and name
+//! the offending field (the limits and text checks themselves are `keyfence_admin::input`'s, so
+//! every admin surface applies the same); outbound ones cannot fail.
 
-use prost_types::Timestamp;
-use tonic::Status;
-
-use super::{pb, status::invalid};
-use crate::policy::{
-    decision::DenyReason,
+use keyfence_admin::input;
+use keyfence_policy::{
+    decision::{Decision, DenyReason},
     ip::Cidr,
     model::{
         AllowlistEntry, Enforcement, Environments, KeyRecord, KeyStatus, NewEntry, PartnerScope,
         RateLimit, Scope, SignatureScheme, UnixMillis,
     },
 };
+use prost_types::Timestamp;
+use tonic::Status;
 
-pub const MAX_NAME_CHARS: usize = 128;
-pub const MAX_DESCRIPTION_CHARS: usize = 512;
-pub const MAX_API_KEY_BYTES: usize = 256;
-pub const MAX_NONCE_BYTES: usize = 128;
+use super::{pb, status::invalid};
 
 pub fn timestamp(at: UnixMillis) -> Timestamp {
     Timestamp {
@@ -43,54 +40,20 @@ pub fn instant(field: &str, value: &Timestamp) -> Result<UnixMillis, Status> {
         .ok_or_else(|| invalid(field, "is out of range"))
 }
 
-/// A timestamp that must lie in the future (an expiry).
-pub fn future_instant(
-    field: &str,
-    value: &Timestamp,
-    now: UnixMillis,
-) -> Result<UnixMillis, Status> {
-    if !(0..1_000_000_000).contains(&value.nanos) {
-        return Err(invalid(field, "nanos must be within 0..1e9"));
-    }
-    let at = UnixMillis(
-        value
-            .seconds
-            .checked_mul(1000)
-            .and_then(|ms| ms.checked_add(i64::from(value.nanos / 1_000_000)))
-            .ok_or_else(|| invalid(field, "is out of range"))?,
-    );
-    if at <= now {
-        return Err(invalid(field, "is not in the future"));
-    }
-    Ok(at)
-}
-
 pub fn text(
     field: &str,
     value: String,
     max_chars: usize,
     required: bool,
 ) -> Result<String, Status> {
-    if required && value.trim().is_empty() {
-        return Err(invalid(field, "is empty"));
-    }
-    if value.chars().count() > max_chars {
-        return Err(invalid(
-            field,
-            format!("is longer than {max_chars} characters"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(invalid(field, "contains control characters"));
-    }
-    Ok(value)
+    input::text(value, max_chars, required).map_err(|reason| invalid(field, reason))
 }
 
-/// Validates every entry; the first bad one fails the whole request.
+/// Validates every entry; the first bad one fails the whole request. Whether an expiry lies in
+/// the future is the admin layer's rule.
 pub fn new_entries(
     field: &str,
     inputs: Vec<pb::AllowlistEntryInput>,
-    now: UnixMillis,
 ) -> Result<Vec<NewEntry>, Status> {
     inputs
         .into_iter()
@@ -103,12 +66,12 @@ pub fn new_entries(
             let description = text(
                 &format!("{field}[{index}].description"),
                 input.description,
-                MAX_DESCRIPTION_CHARS,
+                input::MAX_DESCRIPTION_CHARS,
                 false,
             )?;
             let expires_at = input
                 .expires_at
-                .map(|t| future_instant(&format!("{field}[{index}].expires_at"), &t, now))
+                .map(|t| instant(&format!("{field}[{index}].expires_at"), &t))
                 .transpose()?;
             Ok(NewEntry {
                 cidr,
@@ -266,7 +229,7 @@ pub struct DecisionFields {
     pub environment: String,
 }
 
-pub fn decision_fields(decision: &crate::policy::decision::Decision) -> DecisionFields {
+pub fn decision_fields(decision: &Decision) -> DecisionFields {
     let key = decision.key.as_deref();
     DecisionFields {
         decision: if decision.is_allow() {
@@ -297,7 +260,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let status = new_entries("entries", inputs, UnixMillis(0)).unwrap_err();
+        let status = new_entries("entries", inputs).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(
             status.message().starts_with("entries[1].cidr: "),
@@ -307,26 +270,17 @@ mod tests {
     }
 
     #[test]
-    fn expiries_must_be_in_the_future() {
-        let now = UnixMillis(10_000);
-        let past = Timestamp {
-            seconds: 5,
-            nanos: 0,
-        };
-        assert!(future_instant("expires_at", &past, now).is_err());
+    fn timestamps_convert_both_ways_and_reject_bad_nanos() {
         let future = Timestamp {
             seconds: 11,
             nanos: 500_000_000,
         };
-        assert_eq!(
-            future_instant("expires_at", &future, now).unwrap(),
-            UnixMillis(11_500)
-        );
+        assert_eq!(instant("expires_at", &future).unwrap(), UnixMillis(11_500));
         let bad = Timestamp {
             seconds: 11,
             nanos: -1,
         };
-        assert!(future_instant("expires_at", &bad, now).is_err());
+        assert!(instant("expires_at", &bad).is_err());
         assert_eq!(timestamp(UnixMillis(11_500)), future);
     }
 
@@ -342,7 +296,7 @@ mod tests {
 
     #[test]
     fn scope_requires_a_configured_environment() {
-        let envs = Environments::default();
+        let envs = Environments::new(vec!["production".parse().unwrap()]);
         let scope_for = |env: &str| {
             scope(
                 Some(pb::AllowlistScope {

@@ -42,20 +42,17 @@ use tonic::{Code, Request, Response, Status};
 pub use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 
 use self::denial::{Denial, DenialDetail};
-use super::{
-    authorizer::record_decision,
-    convert::{MAX_API_KEY_BYTES, MAX_NONCE_BYTES},
+use keyfence_policy::{
+    client_ip::{Origin, TrustedProxies},
+    clock::Clock,
+    decision::{AuthzRequest, Decision, DenyReason, KeySelector, Mode, Verdict},
+    signature::SignedRequest,
+    snapshot::CompiledKey,
 };
-use crate::{
-    authz::Decider,
-    policy::{
-        client_ip::{Origin, TrustedProxies},
-        decision::{AuthzRequest, ClientAddress, Decision, DenyReason, KeySelector, Mode, Verdict},
-        model::UnixMillis,
-        signature::SignedRequest,
-        snapshot::CompiledKey,
-    },
-};
+use keyfence_store::access_log::Frontend;
+
+use super::decision_io::{MAX_API_KEY_BYTES, MAX_NONCE_BYTES, record_decision};
+use crate::{authz::Decider, system::SystemClock};
 
 /// A base64 Ed25519 signature is 88 characters; anything this long is not a signature.
 pub const MAX_SIGNATURE_BYTES: usize = 512;
@@ -89,12 +86,12 @@ impl ExtAuthzService {
         let client_ip = match self.settings.trusted_proxies.resolve(&question.origin) {
             Ok(ip) => {
                 span.record("client_ip", tracing::field::display(ip));
-                ClientAddress::Resolved(ip)
+                Some(ip)
             }
             Err(error) => {
                 tracing::info!(%error, "client ip not resolved");
                 // The engine denies it as INVALID_CLIENT_IP: one deny path, not two.
-                ClientAddress::Unresolved
+                None
             }
         };
         let engine_question = AuthzRequest {
@@ -109,7 +106,7 @@ impl ExtAuthzService {
                 0,
                 Mode::Enforce,
                 crate::authz::Origin {
-                    frontend: crate::access::Frontend::EnvoyCheck,
+                    frontend: Frontend::EnvoyCheck,
                     endpoint: question.endpoint,
                 },
             )
@@ -147,7 +144,7 @@ impl ExtAuthzService {
                 .key
                 .as_ref()
                 .filter(|_| show_allowlist)
-                .map(|key| key.allowlist.active_networks(UnixMillis::now())),
+                .map(|key| key.allowlist.active_networks(SystemClock.now())),
         }
     }
 

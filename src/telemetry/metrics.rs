@@ -2,6 +2,8 @@
 //! size and revision; sync health; access-log drops; alerts. Served as Prometheus text on the
 //! metrics listener. Decision counters are created up front, so the hot path is one atomic add
 //! (and one histogram observation), never a label lookup.
+//!
+//! Invariant: metrics is a leaf that others report to; it imports neither `access` nor `authz`.
 
 use std::{
     net::SocketAddr,
@@ -23,11 +25,13 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::{
-    access::Frontend,
-    policy::decision::{Decision, DenyReason, Verdict},
-    sync::PolicySync,
+use keyfence_policy::{
+    clock::Clock,
+    decision::{Decision, DenyReason, Verdict},
 };
+use keyfence_store::access_log::Frontend;
+
+use crate::{sync::PolicySync, system::SystemClock};
 
 type Labels = [(&'static str, &'static str); 3];
 
@@ -237,7 +241,7 @@ impl Metrics {
         self.policy_revision.set(snapshot.revision() as i64);
         drop(snapshot);
         let unconfirmed = sync
-            .unconfirmed_for(crate::policy::model::UnixMillis::now())
+            .unconfirmed_for(SystemClock.now())
             .map_or(f64::INFINITY, |d| d.as_secs_f64());
         self.sync_unconfirmed_seconds.set(unconfirmed);
         let resyncs = sync.resyncs();

@@ -6,7 +6,7 @@
 use serde::Serialize;
 use tonic::Code;
 
-use crate::policy::{decision::DenyReason, ip::Cidr, ip::ClientIp};
+use keyfence_policy::{decision::DenyReason, ip::Cidr, ip::ClientIp};
 
 /// How much a denial tells the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,9 +7,9 @@ use envoy_types::pb::envoy::{
 };
 
 use super::*;
-use crate::policy::snapshot::{
-    KeyMaterial, PolicySnapshot,
-    tests::{entry, record},
+use keyfence_policy::{
+    fixtures::{entry, record},
+    snapshot::{KeyMaterial, PolicySnapshot},
 };
 
 fn check_request(peer: &str, headers: &[(&str, &str)]) -> CheckRequest {

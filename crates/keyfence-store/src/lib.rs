@@ -6,30 +6,43 @@
 //! the log reloads everything.
 //!
 //! Mutations take a closure that edits the current record inside the store's transaction, so the
-//! rules of each edit ([`ops`]) are written once for every backend. Invariant: this module knows
-//! the policy model, never tonic or protobuf.
+//! rules of each edit are written once, in the admin layer (`keyfence-admin`), for every backend;
+//! the store knows no rule of its own. It also keeps the access log ([`access_log`]).
+//!
+//! Invariant (a crate boundary): the store knows the policy model, never tonic, protobuf, HTTP or
+//! the admin layer. `tests/store_conformance.rs` runs one suite against every backend.
+#![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod embedded;
-pub mod ops;
 pub mod redis;
+
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::policy::{
-    model::{AllowlistEntry, Environment, KeyId, KeyRecord, PartnerId, PartnerScope, Scope},
+use keyfence_policy::{
+    model::{
+        AllowlistEntry, Environment, KeyId, KeyRecord, PartnerId, PartnerScope, Scope, UnixMillis,
+    },
     snapshot::KeyMaterial,
 };
 
-/// What can go wrong in a store call. Each variant maps to one gRPC status at the edge.
+/// What can go wrong in a store call. The admin layer maps each variant to its own error, and the
+/// edge that to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
     NotFound(String),
-    /// A request that is well-formed but cannot apply to the current state (naming the field).
-    #[error("{field}: {reason}")]
-    Rejected { field: String, reason: String },
+    /// An edit closure refused the edit; its own error is handed back unchanged, for the layer
+    /// that wrote the rule to interpret.
+    #[error("{0}")]
+    Rejected(Box<dyn std::error::Error + Send + Sync>),
     #[error("{0} already exists")]
     AlreadyExists(String),
+    /// A page token this store did not issue.
+    #[error("is not a token this server issued")]
+    ForeignPageToken,
     /// The target is in a state that forbids the edit (a revoked key).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -42,12 +55,15 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub fn rejected(field: impl Into<String>, reason: impl Into<String>) -> StoreError {
-        StoreError::Rejected {
-            field: field.into(),
-            reason: reason.into(),
-        }
+    /// An edit refused by the closure's rule.
+    pub fn rejected(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
+        StoreError::Rejected(cause.into())
     }
+}
+
+/// Now, for retention cutoffs: the store may read the clock, the policy core may not.
+pub(crate) fn wall_clock_now() -> UnixMillis {
+    UnixMillis::from_system_time(SystemTime::now())
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -111,9 +127,12 @@ pub struct KeyPage {
 /// Edits a key in place; an error aborts the transaction. A backend with optimistic concurrency
 /// (Redis) may call it again on a fresh read when another writer got there first.
 pub type KeyEdit = Box<dyn Fn(&mut KeyRecord) -> StoreResult<()> + Send + Sync>;
-/// Edits an allowlist in place; an error aborts the transaction. May be called more than once,
-/// like [`KeyEdit`].
-pub type AllowlistEdit = Box<dyn Fn(&mut Vec<AllowlistEntry>) -> StoreResult<()> + Send + Sync>;
+/// Edits an allowlist in place; an error aborts the transaction. For a key's own list it is also
+/// handed the key as the same transaction reads it (the store guards it against concurrent
+/// change), so that a rule can depend on the key's state; `None` for a partner list. May be
+/// called more than once, like [`KeyEdit`].
+pub type AllowlistEdit =
+    Box<dyn Fn(Option<&KeyRecord>, &mut Vec<AllowlistEntry>) -> StoreResult<()> + Send + Sync>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -156,7 +175,7 @@ pub trait Store: Send + Sync + 'static {
     /// A scope's allowlist (a key scope must name an existing key).
     async fn get_allowlist(&self, scope: &Scope) -> StoreResult<Committed<Vec<AllowlistEntry>>>;
 
-    /// Reads, edits and writes an allowlist atomically.
+    /// Reads, edits and writes an allowlist atomically. A key scope must name an existing key.
     async fn modify_allowlist(
         &self,
         scope: &Scope,

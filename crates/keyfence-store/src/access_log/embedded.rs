@@ -23,10 +23,9 @@ use super::{
     AccessBatch, AccessLogStore, AccessPage, AccessQuery, AccessRecord, Entry, KeyIdentity,
     LastUse, Retention,
 };
-use crate::{
-    policy::model::{KeyId, UnixMillis},
-    store::{StoreError, StoreResult},
-};
+use keyfence_policy::model::{KeyId, UnixMillis};
+
+use crate::{StoreError, StoreResult, wall_clock_now};
 
 const BLOCKS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("access_blocks");
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("access_counts");
@@ -146,7 +145,7 @@ impl AccessLogStore for EmbeddedAccessLog {
                 let mut blocks = txn.open_table(BLOCKS).map_err(unavailable)?;
                 let mut counts = txn.open_table(COUNTS).map_err(unavailable)?;
                 let cutoff =
-                    UnixMillis::now().saturating_add_secs(-(retention.max_age.as_secs() as i64));
+                    wall_clock_now().saturating_add_secs(-(retention.max_age.as_secs() as i64));
                 let too_old = first_order_at_or_before(UnixMillis(cutoff.0 - 1));
                 for (key, order, added, bytes) in &blocks_in {
                     let key = key.as_str();
@@ -196,9 +195,7 @@ impl AccessLogStore for EmbeddedAccessLog {
                     .and_then(|(order, skip)| {
                         Some((order.parse::<u64>().ok()?, skip.parse::<usize>().ok()?))
                     })
-                    .ok_or_else(|| {
-                        StoreError::rejected("page_token", "is not a token this server issued")
-                    })?,
+                    .ok_or(StoreError::ForeignPageToken)?,
                 None => (0, 0),
             };
             let txn = db.begin_read().map_err(unavailable)?;

@@ -4,13 +4,11 @@ use base64::Engine as _;
 use ed25519_dalek::{Signer, SigningKey};
 
 use super::*;
-use crate::policy::{
+use crate::{
+    fixtures::{entry, record},
     model::{PartnerScope, PreviousSecret, RateLimit, SignatureScheme},
     signature::{canonical_string, sign_hmac},
-    snapshot::{
-        KeyMaterial,
-        tests::{entry, record},
-    },
+    snapshot::KeyMaterial,
 };
 
 const NOW_SECS: i64 = 1_700_000_000;
@@ -23,7 +21,36 @@ fn engine() -> Engine {
     }
 }
 
-fn snapshot_with(records: Vec<(crate::policy::model::KeyRecord, Vec<&str>)>) -> PolicySnapshot {
+/// The whole decision as a single replica makes it: evaluate, then settle any nonce in the
+/// in-process ledger (the path `keyfence`'s decision service runs for the embedded store).
+trait DecideLocally {
+    fn decide(
+        &self,
+        snapshot: &PolicySnapshot,
+        request: &AuthzRequest<'_>,
+        now: UnixMillis,
+        mode: Mode,
+        ledger: &NonceLedger,
+    ) -> Decision;
+}
+
+impl DecideLocally for Engine {
+    fn decide(
+        &self,
+        snapshot: &PolicySnapshot,
+        request: &AuthzRequest<'_>,
+        now: UnixMillis,
+        mode: Mode,
+        ledger: &NonceLedger,
+    ) -> Decision {
+        match self.evaluate(snapshot, request, now, mode) {
+            Evaluation::Decided(decision) => decision,
+            Evaluation::NonceRequired(pending) => pending.settle_locally(ledger),
+        }
+    }
+}
+
+fn snapshot_with(records: Vec<(crate::model::KeyRecord, Vec<&str>)>) -> PolicySnapshot {
     let keys = records.into_iter().map(|(record, cidrs)| KeyMaterial {
         record,
         entries: cidrs.into_iter().map(entry).collect(),
@@ -34,7 +61,7 @@ fn snapshot_with(records: Vec<(crate::policy::model::KeyRecord, Vec<&str>)>) -> 
 fn ask<'a>(secret: &'a str, ip: &'a str, signature: Option<SignedRequest<'a>>) -> AuthzRequest<'a> {
     AuthzRequest {
         key: KeySelector::Presented(secret),
-        client_ip: ClientAddress::Text(ip),
+        client_ip: ip.parse().ok(),
         signature,
     }
 }
@@ -649,7 +676,7 @@ fn partner_entries_apply_to_the_partner_keys_in_one_environment() {
     assert!(decision.is_allow());
     assert_eq!(
         decision.matched.unwrap().source,
-        crate::policy::allowlist::EntrySource::Partner
+        crate::allowlist::EntrySource::Partner
     );
     assert_eq!(
         reason(&snapshot, &ask("s", "192.0.2.7", None)),
@@ -663,7 +690,7 @@ fn check_by_key_id() {
     let id: KeyId = "key_a".parse().unwrap();
     let request = AuthzRequest {
         key: KeySelector::Id(&id),
-        client_ip: ClientAddress::Text("203.0.113.1"),
+        client_ip: "203.0.113.1".parse().ok(),
         signature: None,
     };
     assert!(
@@ -680,7 +707,7 @@ fn check_by_key_id() {
     let missing: KeyId = "key_zz".parse().unwrap();
     let request = AuthzRequest {
         key: KeySelector::Id(&missing),
-        client_ip: ClientAddress::Text("203.0.113.1"),
+        client_ip: "203.0.113.1".parse().ok(),
         signature: None,
     };
     assert_eq!(

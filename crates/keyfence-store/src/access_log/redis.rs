@@ -8,12 +8,12 @@ use async_trait::async_trait;
 use super::{
     AccessBatch, AccessLogStore, AccessPage, AccessQuery, AccessRecord, LastUse, Retention,
 };
+use keyfence_policy::model::KeyId;
+
 use crate::{
-    policy::model::{KeyId, UnixMillis},
-    store::{
-        StoreError, StoreResult,
-        redis::{RedisStore, unavailable},
-    },
+    StoreError, StoreResult,
+    redis::{RedisStore, unavailable},
+    wall_clock_now,
 };
 
 /// Stream ids carry Redis's clock, records the deciding replica's: time ranges are looked up
@@ -40,7 +40,7 @@ fn valid_stream_id(text: &str) -> bool {
 impl AccessLogStore for RedisStore {
     async fn append(&self, batch: AccessBatch, retention: Retention) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        let cutoff = UnixMillis::now().saturating_add_secs(-(retention.max_age.as_secs() as i64));
+        let cutoff = wall_clock_now().saturating_add_secs(-(retention.max_age.as_secs() as i64));
         let mut pipe = redis::pipe();
         let mut touched = std::collections::BTreeSet::new();
         for (identity, entries) in batch.keys {
@@ -81,12 +81,7 @@ impl AccessLogStore for RedisStore {
         let name = stream(self, &query.key_id);
         let mut end = match (&query.page_token, query.until) {
             (Some(token), _) if valid_stream_id(token) => format!("({token}"),
-            (Some(_), _) => {
-                return Err(StoreError::rejected(
-                    "page_token",
-                    "is not a token this server issued",
-                ));
-            }
+            (Some(_), _) => return Err(StoreError::ForeignPageToken),
             (None, Some(until)) => (until.0 + SKEW_MS).max(0).to_string(),
             (None, None) => "+".into(),
         };

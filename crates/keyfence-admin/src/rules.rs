@@ -1,20 +1,51 @@
-//! The rules of each allowlist and key edit, shared by every store backend.
+//! The rules of each allowlist and key edit. They run inside the store's transaction (as the edit
+//! closure), so every backend applies them the same way, and every admin surface reaches them
+//! through the commands in this crate, so each rule exists once.
 //!
-//! Each function either applies the whole edit or returns an error naming the offending field and
-//! leaves its input as it was, so a request with one bad entry among thousands changes nothing.
+//! Each function either applies the whole edit or returns a [`RuleViolation`] that says which
+//! entry (by index) broke which rule, and leaves its input as it was, so a request with one bad
+//! entry among thousands changes nothing. Wire field names are the edge's business.
 
 use std::collections::{HashMap, HashSet};
 
-use crate::policy::{
+use keyfence_policy::{
     ip::Cidr,
-    model::{AllowlistEntry, Audit, KeyRecord, KeyStatus},
+    model::{AllowlistEntry, Audit, KeyId, KeyRecord, KeyStatus},
 };
+use keyfence_store::StoreError;
 
-use super::{StoreError, StoreResult};
+/// An edit that a rule refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleViolation {
+    /// Entry `index` names the same network as entry `first` of the same request.
+    #[error("entry {index}: {cidr} duplicates entry {first}")]
+    DuplicateEntry {
+        index: usize,
+        first: usize,
+        cidr: Cidr,
+    },
+    /// Removal `index` names a network the list does not hold.
+    #[error("removal {index}: {cidr} is not on this allowlist")]
+    NotListed { index: usize, cidr: Cidr },
+    /// Removal `index` names a network an earlier removal already named.
+    #[error("removal {index}: {cidr} is named twice")]
+    NamedTwice { index: usize, cidr: Cidr },
+    #[error("key {0} is revoked; create a new key instead")]
+    Revoked(KeyId),
+}
+
+/// Lets an edit closure use `?` on a rule: the store hands the violation back unchanged.
+impl From<RuleViolation> for StoreError {
+    fn from(violation: RuleViolation) -> StoreError {
+        StoreError::rejected(violation)
+    }
+}
+
+type RuleResult = Result<(), RuleViolation>;
 
 /// Adds entries; an entry for a network already listed replaces it (new description, expiry and
 /// audit), so re-running an import is harmless. Duplicates within one request are an error.
-pub fn add_entries(list: &mut Vec<AllowlistEntry>, added: Vec<AllowlistEntry>) -> StoreResult<()> {
+pub fn add_entries(list: &mut Vec<AllowlistEntry>, added: Vec<AllowlistEntry>) -> RuleResult {
     reject_duplicates(&added)?;
     let positions: HashMap<Cidr, usize> =
         list.iter().enumerate().map(|(i, e)| (e.cidr, i)).collect();
@@ -31,58 +62,59 @@ pub fn add_entries(list: &mut Vec<AllowlistEntry>, added: Vec<AllowlistEntry>) -
 pub fn replace_entries(
     list: &mut Vec<AllowlistEntry>,
     replacement: Vec<AllowlistEntry>,
-) -> StoreResult<()> {
+) -> RuleResult {
     reject_duplicates(&replacement)?;
     *list = replacement;
     Ok(())
 }
 
 /// Removes entries by network; every named network must be listed.
-pub fn remove_entries(list: &mut Vec<AllowlistEntry>, removed: &[Cidr]) -> StoreResult<()> {
+pub fn remove_entries(list: &mut Vec<AllowlistEntry>, removed: &[Cidr]) -> RuleResult {
     let present: HashSet<Cidr> = list.iter().map(|e| e.cidr).collect();
     let mut seen = HashSet::new();
     for (index, cidr) in removed.iter().enumerate() {
         if !present.contains(cidr) {
-            return Err(StoreError::rejected(
-                format!("cidrs[{index}]"),
-                format!("{cidr} is not on this allowlist"),
-            ));
+            return Err(RuleViolation::NotListed { index, cidr: *cidr });
         }
         if !seen.insert(*cidr) {
-            return Err(StoreError::rejected(
-                format!("cidrs[{index}]"),
-                format!("{cidr} is named twice"),
-            ));
+            return Err(RuleViolation::NamedTwice { index, cidr: *cidr });
         }
     }
     list.retain(|e| !seen.contains(&e.cidr));
     Ok(())
 }
 
-fn reject_duplicates(entries: &[AllowlistEntry]) -> StoreResult<()> {
+/// Entries of one request must name distinct networks: the same rule for a new key's allowlist,
+/// an addition and a replacement.
+pub fn reject_duplicates(entries: &[AllowlistEntry]) -> RuleResult {
     let mut first_at: HashMap<Cidr, usize> = HashMap::new();
     for (index, entry) in entries.iter().enumerate() {
         if let Some(first) = first_at.insert(entry.cidr, index) {
-            return Err(StoreError::rejected(
-                format!("entries[{index}].cidr"),
-                format!("{} duplicates entries[{first}]", entry.cidr),
-            ));
+            return Err(RuleViolation::DuplicateEntry {
+                index,
+                first,
+                cidr: entry.cidr,
+            });
         }
     }
     Ok(())
 }
 
 /// A revoked key is final: no edit other than reading it applies.
-pub fn ensure_not_revoked(record: &KeyRecord) -> StoreResult<()> {
+pub fn ensure_not_revoked(record: &KeyRecord) -> RuleResult {
     if record.status == KeyStatus::Revoked {
-        return Err(StoreError::FailedPrecondition(format!(
-            "key {} is revoked; create a new key instead",
-            record.id
-        )));
+        return Err(RuleViolation::Revoked(record.id.clone()));
     }
     Ok(())
 }
 
+/// An allowlist can be edited unless it belongs to a revoked key (`owner` is `None` for a
+/// partner list).
+pub fn ensure_editable(owner: Option<&KeyRecord>) -> RuleResult {
+    owner.map_or(Ok(()), ensure_not_revoked)
+}
+
+/// Records who changed the key and when.
 pub fn touch(record: &mut KeyRecord, audit: Audit) {
     record.updated = audit;
 }
@@ -90,7 +122,7 @@ pub fn touch(record: &mut KeyRecord, audit: Audit) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::UnixMillis;
+    use keyfence_policy::model::UnixMillis;
 
     fn entry(cidr: &str, description: &str) -> AllowlistEntry {
         AllowlistEntry {
@@ -121,8 +153,12 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            err.to_string(),
-            "entries[1].cidr: 198.51.100.0/24 duplicates entries[0]"
+            err,
+            RuleViolation::DuplicateEntry {
+                index: 1,
+                first: 0,
+                cidr: "198.51.100.0/24".parse().unwrap()
+            }
         );
         assert_eq!(list, before);
     }
@@ -140,8 +176,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            err.to_string(),
-            "cidrs[1]: 203.0.113.0/24 is not on this allowlist"
+            err,
+            RuleViolation::NotListed {
+                index: 1,
+                cidr: "203.0.113.0/24".parse().unwrap()
+            }
         );
         assert_eq!(list, before);
         remove_entries(&mut list, &["10.0.0.0/8".parse().unwrap()]).unwrap();

@@ -26,9 +26,9 @@ use tokio_stream::StreamExt;
 
 use super::{
     AllowlistEdit, Change, ChangesSince, Committed, FullState, KeyEdit, KeyFilter, KeyPage,
-    NonceStore, Store, StoreError, StoreResult, ops,
+    NonceStore, Store, StoreError, StoreResult,
 };
-use crate::policy::{
+use keyfence_policy::{
     model::{AllowlistEntry, KeyId, KeyRecord, PartnerScope, Scope},
     snapshot::KeyMaterial,
 };
@@ -649,12 +649,13 @@ impl Store for RedisStore {
             }
             let values = mget(&mut conn, &names).await?;
             let mut guarded = Vec::new();
+            let mut owner: Option<KeyRecord> = None;
             if let Scope::Key(id) = scope {
                 let Some(bytes) = &values[1] else {
                     return Err(StoreError::NotFound(format!("key {id}")));
                 };
-                ops::ensure_not_revoked(&decode(bytes)?)?;
-                // The key must not be revoked (or changed) under us.
+                owner = Some(decode(bytes)?);
+                // The key must not change (be revoked) under the edit that read it.
                 guarded.push(Guarded {
                     key: names[1].clone(),
                     expect: expect_of(&values[1]),
@@ -662,7 +663,7 @@ impl Store for RedisStore {
                 });
             }
             let mut entries = decode_list(&values[0])?;
-            edit(&mut entries)?;
+            edit(owner.as_ref(), &mut entries)?;
             guarded.extend(self.list_ops(scope, &values[0], &entries)?);
             if let Some(revision) = self.commit(scope, guarded).await? {
                 return Ok(Committed {

@@ -93,22 +93,13 @@ pub enum KeySelector<'a> {
     Id(&'a KeyId),
 }
 
-/// The caller's address as the front end has it.
-#[derive(Debug, Clone, Copy)]
-pub enum ClientAddress<'a> {
-    /// Text to parse strictly (Authorize, CheckAccess).
-    Text(&'a str),
-    /// Already parsed, for a front end that resolves it itself (Envoy behind trusted proxies).
-    Resolved(ClientIp),
-    /// The front end could not tell: denied as `InvalidClientIp`.
-    Unresolved,
-}
-
 /// One question to the engine.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthzRequest<'a> {
     pub key: KeySelector<'a>,
-    pub client_ip: ClientAddress<'a>,
+    /// The caller's address, parsed strictly at the edge (or resolved behind trusted proxies).
+    /// `None` when the edge could not tell: denied as `InvalidClientIp`, never guessed.
+    pub client_ip: Option<ClientIp>,
     /// `None` when the request carried no signature material at all.
     pub signature: Option<SignedRequest<'a>>,
 }
@@ -121,7 +112,8 @@ pub enum Mode {
 }
 
 impl Mode {
-    fn consumes(self) -> bool {
+    /// Whether a decision in this mode records its nonce and spends rate-limit tokens.
+    pub fn consumes(self) -> bool {
         self == Mode::Enforce
     }
 }
@@ -219,21 +211,26 @@ impl PendingNonce<'_> {
         }
         rate_limit(self.decision, self.now, self.mode)
     }
+
+    /// Claims the nonce in an in-process ledger and completes the decision: what a single replica
+    /// runs, and what a shared store falls back to when so configured.
+    pub fn settle_locally(self, ledger: &NonceLedger) -> Decision {
+        let fresh = ledger.claim(
+            self.key_id(),
+            self.nonce,
+            self.forget_after,
+            self.now,
+            self.mode.consumes(),
+        );
+        self.finish(fresh)
+    }
 }
 
-/// Settings the engine decides with.
+/// Settings the engine decides with. Their defaults live with the rest of the configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct Engine {
     /// How far a signed timestamp may be from now, either way.
     pub signature_window_secs: i64,
-}
-
-impl Default for Engine {
-    fn default() -> Self {
-        Engine {
-            signature_window_secs: 300,
-        }
-    }
 }
 
 impl Engine {
@@ -255,12 +252,7 @@ impl Engine {
             revision: snapshot.revision(),
         };
 
-        let client_ip = match request.client_ip {
-            ClientAddress::Text(text) => text.parse::<ClientIp>().ok(),
-            ClientAddress::Resolved(ip) => Some(ip),
-            ClientAddress::Unresolved => None,
-        };
-        let Some(client_ip) = client_ip else {
+        let Some(client_ip) = request.client_ip else {
             return Evaluation::Decided(decision.deny(DenyReason::InvalidClientIp));
         };
         decision.client_ip = Some(client_ip);
@@ -327,30 +319,6 @@ impl Engine {
         }
 
         Evaluation::Decided(rate_limit(decision, now, mode))
-    }
-
-    /// Decides completely, claiming nonces in an in-process ledger.
-    pub fn decide(
-        &self,
-        snapshot: &PolicySnapshot,
-        request: &AuthzRequest<'_>,
-        now: UnixMillis,
-        mode: Mode,
-        nonces: &NonceLedger,
-    ) -> Decision {
-        match self.evaluate(snapshot, request, now, mode) {
-            Evaluation::Decided(decision) => decision,
-            Evaluation::NonceRequired(pending) => {
-                let fresh = nonces.claim(
-                    pending.key_id(),
-                    pending.nonce(),
-                    pending.forget_after(),
-                    now,
-                    mode.consumes(),
-                );
-                pending.finish(fresh)
-            }
-        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::{fmt, str::FromStr, time::SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::ip::Cidr;
+use super::{ip::Cidr, random::RandomSource};
 
 /// Wall-clock time as milliseconds since the Unix epoch: what expiries and audit fields use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -17,8 +17,10 @@ use super::ip::Cidr;
 pub struct UnixMillis(pub i64);
 
 impl UnixMillis {
-    pub fn now() -> UnixMillis {
-        let since_epoch = SystemTime::now()
+    /// Converts a wall-clock instant; times before the epoch become 0. This crate never reads the
+    /// clock itself: callers hand in what their [`crate::clock::Clock`] says.
+    pub fn from_system_time(at: SystemTime) -> UnixMillis {
+        let since_epoch = at
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         UnixMillis(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
@@ -159,30 +161,11 @@ impl Environments {
     }
 }
 
-impl Default for Environments {
-    fn default() -> Self {
-        Environments(vec![
-            Environment("production".into()),
-            Environment("sandbox".into()),
-        ])
-    }
-}
-
 impl KeyId {
     /// A fresh random identifier.
-    pub fn generate() -> KeyId {
-        KeyId(format!("key_{}", random_token(20)))
+    pub fn generate(random: &dyn RandomSource) -> KeyId {
+        KeyId(format!("key_{}", random.token(20)))
     }
-}
-
-/// Random lowercase-alphanumeric text from the OS CSPRNG.
-pub fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
-        .collect()
 }
 
 /// SHA-256 of a presented API key: the only form in which keys are stored or looked up.
@@ -231,13 +214,13 @@ pub struct MintedSecret {
 impl MintedSecret {
     /// `kf_live_…` for production, `kf_test_…` for sandbox, `kf_<env>_…` otherwise; 40 random
     /// characters (about 206 bits) after the prefix.
-    pub fn generate(environment: &Environment) -> MintedSecret {
+    pub fn generate(environment: &Environment, random: &dyn RandomSource) -> MintedSecret {
         let tag = match environment.as_str() {
             "production" => "live",
             "sandbox" => "test",
             other => other,
         };
-        let full = format!("kf_{tag}_{}", random_token(40));
+        let full = format!("kf_{tag}_{}", random.token(40));
         let display_prefix = full[..full.len() - 36].to_owned();
         MintedSecret {
             hash: SecretHash::of(&full),
@@ -419,16 +402,18 @@ mod tests {
 
     #[test]
     fn minted_secrets_are_prefixed_and_hashed() {
-        let minted = MintedSecret::generate(&"production".parse().unwrap());
+        let random = crate::random::tests::Counter::default();
+        let random = &random;
+        let minted = MintedSecret::generate(&"production".parse().unwrap(), random);
         assert!(minted.full.starts_with("kf_live_"));
         assert_eq!(minted.full.len(), "kf_live_".len() + 40);
         assert_eq!(minted.display_prefix, &minted.full[..12]);
         assert_eq!(minted.hash, SecretHash::of(&minted.full));
-        let sandbox = MintedSecret::generate(&"sandbox".parse().unwrap());
+        let sandbox = MintedSecret::generate(&"sandbox".parse().unwrap(), random);
         assert!(sandbox.full.starts_with("kf_test_"));
         assert_ne!(
             minted.full,
-            MintedSecret::generate(&"production".parse().unwrap()).full
+            MintedSecret::generate(&"production".parse().unwrap(), random).full
         );
     }
 

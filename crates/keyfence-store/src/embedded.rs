@@ -19,9 +19,9 @@ use tokio::sync::watch;
 
 use super::{
     AllowlistEdit, Change, ChangesSince, Committed, FullState, KeyEdit, KeyFilter, KeyPage, Store,
-    StoreError, StoreResult, ops,
+    StoreError, StoreResult,
 };
-use crate::policy::{
+use keyfence_policy::{
     model::{AllowlistEntry, KeyId, KeyRecord, PartnerScope, Scope},
     snapshot::KeyMaterial,
 };
@@ -331,13 +331,16 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<Committed<Vec<AllowlistEntry>>> {
         let scope = scope.clone();
         self.write(move |txn| {
-            if let Scope::Key(id) = &scope {
-                let keys = txn.open_table(KEYS).map_err(unavailable)?;
-                ops::ensure_not_revoked(&read_key(&keys, id)?)?;
-            }
+            let owner = match &scope {
+                Scope::Key(id) => {
+                    let keys = txn.open_table(KEYS).map_err(unavailable)?;
+                    Some(read_key(&keys, id)?)
+                }
+                Scope::Partner(_) => None,
+            };
             let mut lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
             let mut entries = read_list(&lists, &scope)?;
-            edit(&mut entries)?;
+            edit(owner.as_ref(), &mut entries)?;
             write_list(&mut lists, &scope, &entries)?;
             Ok((entries, scope))
         })

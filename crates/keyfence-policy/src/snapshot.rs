@@ -339,45 +339,12 @@ impl SharedPolicy {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::policy::model::{Audit, SignatureScheme, UnixMillis};
-
-    pub(crate) fn record(id: &str, partner: &str, env: &str, secret: &str) -> KeyRecord {
-        let at = Audit {
-            actor: "test".into(),
-            at: UnixMillis(0),
-        };
-        KeyRecord {
-            id: id.parse().unwrap(),
-            partner_id: partner.parse().unwrap(),
-            environment: env.parse().unwrap(),
-            name: id.into(),
-            display_prefix: "kf_test_".into(),
-            secret_hash: SecretHash::of(secret),
-            previous_secret: None,
-            status: KeyStatus::Active,
-            ip_allowlist_enabled: true,
-            enforcement: Enforcement::Enforce,
-            signature: SignatureScheme::None,
-            rate_limit: None,
-            expires_at: None,
-            created: at.clone(),
-            updated: at,
-        }
-    }
-
-    pub(crate) fn entry(cidr: &str) -> AllowlistEntry {
-        AllowlistEntry {
-            cidr: cidr.parse().unwrap(),
-            description: String::new(),
-            added: Audit {
-                actor: "test".into(),
-                at: UnixMillis(0),
-            },
-            expires_at: None,
-        }
-    }
+    use crate::{
+        fixtures::{entry, record},
+        model::UnixMillis,
+    };
 
     fn scope(partner: &str, env: &str) -> PartnerScope {
         PartnerScope {
