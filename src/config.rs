@@ -1,6 +1,11 @@
-//! The one configuration struct for `keyfence serve`, filled from built-in defaults, then a TOML
-//! file (`--config`), then `KEYFENCE_*` environment variables, then flags; later sources win.
-//! [`Config`] is printed at start with secrets redacted.
+//! The configuration of `keyfence serve`, filled from built-in defaults, then a TOML file
+//! (`--config`), then `KEYFENCE_*` environment variables, then flags; later sources win.
+//!
+//! Each setting is declared once, as a field of [`ServeArgs`]: that field is its flag, its
+//! environment variable and its name in the TOML file (the file is read into the same struct, so
+//! the two cannot drift apart). Its default is applied once, in [`Config::resolve`], which
+//! destructures every field so that none goes unread. [`Config`] is the resolved, validated form,
+//! printed at start with secrets redacted.
 
 use std::{
     fmt,
@@ -9,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use keyfence_policy::{
     ip::Cidr,
@@ -19,12 +24,15 @@ use keyfence_store::access_log::Retention;
 
 use crate::access::alerts::AlertConfig;
 
-/// Flags and environment variables for `keyfence serve`. Every field is optional so that a value
-/// left unset here falls through to the config file, then to the default.
-#[derive(Debug, Default, Clone, clap::Args)]
+/// Every setting of `keyfence serve`, as flags and environment variables and, under the same
+/// names in snake_case, as the TOML file. Every field is optional so that a value left unset
+/// falls through to the file, then to the default.
+#[derive(Debug, Default, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (flags and environment variables override it).
     #[arg(long, env = "KEYFENCE_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Data-plane listener (Authorizer, health, reflection). Default 127.0.0.1:50051.
     #[arg(long, env = "KEYFENCE_LISTEN")]
@@ -125,44 +133,11 @@ pub struct ServeArgs {
     pub otlp_endpoint: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Pretty,
     Json,
-}
-
-/// The settings file: the same names as the flags, in snake_case.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    admin_listen: Option<SocketAddr>,
-    data_dir: Option<PathBuf>,
-    admin_token: Option<String>,
-    environments: Option<Vec<String>>,
-    signature_window_secs: Option<u32>,
-    min_revision_wait_ms: Option<u64>,
-    log_format: Option<LogFormat>,
-    trusted_proxies: Option<Vec<String>>,
-    trust_x_real_ip: Option<bool>,
-    detailed_denials: Option<bool>,
-    detailed_denials_include_allowlist: Option<bool>,
-    redis_url: Option<String>,
-    redis_namespace: Option<String>,
-    sync_interval_ms: Option<u64>,
-    max_staleness_ms: Option<u64>,
-    nonce_fallback_local: Option<bool>,
-    access_log: Option<bool>,
-    access_log_queue: Option<usize>,
-    access_log_max_records: Option<usize>,
-    access_log_max_age_secs: Option<u64>,
-    alert_max_blocked: Option<u32>,
-    alert_max_distinct_ips: Option<u32>,
-    alert_window_secs: Option<u64>,
-    alert_webhook_url: Option<String>,
-    metrics_listen: Option<SocketAddr>,
-    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +152,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("cannot combine the config file with flags: {0}")]
+    Layer(serde_json::Error),
     #[error("{setting}: {reason}")]
     Invalid {
         setting: &'static str,
@@ -236,9 +213,9 @@ impl RedisConfig {
 
 impl Config {
     pub fn resolve(args: ServeArgs) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+        let args = match args.config.clone() {
+            Some(path) => args.over(read_file(&path)?)?,
+            None => args,
         };
         let ServeArgs {
             config: _,
@@ -271,90 +248,49 @@ impl Config {
             otlp_endpoint,
         } = args;
         let defaults = (Retention::default(), AlertConfig::default());
-        let environment_names = environments
-            .or(file.environments)
-            .unwrap_or_else(|| vec!["production".into(), "sandbox".into()]);
+        let environment_names =
+            environments.unwrap_or_else(|| vec!["production".into(), "sandbox".into()]);
         let config = Config {
-            listen: listen
-                .or(file.listen)
-                .unwrap_or(([127, 0, 0, 1], 50051).into()),
-            admin_listen: admin_listen
-                .or(file.admin_listen)
-                .unwrap_or(([127, 0, 0, 1], 50052).into()),
-            data_dir: data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| "keyfence-data".into()),
-            admin_token: admin_token.or(file.admin_token).filter(|t| !t.is_empty()),
+            listen: listen.unwrap_or(([127, 0, 0, 1], 50051).into()),
+            admin_listen: admin_listen.unwrap_or(([127, 0, 0, 1], 50052).into()),
+            data_dir: data_dir.unwrap_or_else(|| "keyfence-data".into()),
+            admin_token: admin_token.filter(|t| !t.is_empty()),
             environments: parse_environments(&environment_names)?,
-            signature_window: Duration::from_secs(u64::from(
-                signature_window_secs
-                    .or(file.signature_window_secs)
-                    .unwrap_or(300),
-            )),
-            min_revision_wait: Duration::from_millis(
-                min_revision_wait_ms
-                    .or(file.min_revision_wait_ms)
-                    .unwrap_or(2000),
-            ),
-            log_format: log_format.or(file.log_format).unwrap_or(LogFormat::Pretty),
-            trusted_proxies: parse_trusted_proxies(
-                &trusted_proxies.or(file.trusted_proxies).unwrap_or_default(),
-            )?,
-            trust_x_real_ip: trust_x_real_ip.or(file.trust_x_real_ip).unwrap_or(false),
-            detailed_denials: detailed_denials.or(file.detailed_denials).unwrap_or(false),
-            detailed_denials_include_allowlist: detailed_denials_include_allowlist
-                .or(file.detailed_denials_include_allowlist)
-                .unwrap_or(false),
-            redis: redis_url
-                .or(file.redis_url)
-                .filter(|u| !u.is_empty())
-                .map(|url| RedisConfig {
-                    url,
-                    namespace: redis_namespace
-                        .or(file.redis_namespace)
-                        .unwrap_or_else(|| "keyfence".into()),
-                    nonce_fallback_local: nonce_fallback_local
-                        .or(file.nonce_fallback_local)
-                        .unwrap_or(false),
-                }),
-            sync_interval: Duration::from_millis(
-                sync_interval_ms.or(file.sync_interval_ms).unwrap_or(1000),
-            ),
-            max_staleness: max_staleness_ms
-                .or(file.max_staleness_ms)
-                .map(Duration::from_millis),
+            signature_window: Duration::from_secs(u64::from(signature_window_secs.unwrap_or(300))),
+            min_revision_wait: Duration::from_millis(min_revision_wait_ms.unwrap_or(2000)),
+            log_format: log_format.unwrap_or(LogFormat::Pretty),
+            trusted_proxies: parse_trusted_proxies(&trusted_proxies.unwrap_or_default())?,
+            trust_x_real_ip: trust_x_real_ip.unwrap_or(false),
+            detailed_denials: detailed_denials.unwrap_or(false),
+            detailed_denials_include_allowlist: detailed_denials_include_allowlist.unwrap_or(false),
+            redis: redis_url.filter(|u| !u.is_empty()).map(|url| RedisConfig {
+                url,
+                namespace: redis_namespace.unwrap_or_else(|| "keyfence".into()),
+                nonce_fallback_local: nonce_fallback_local.unwrap_or(false),
+            }),
+            sync_interval: Duration::from_millis(sync_interval_ms.unwrap_or(1000)),
+            max_staleness: max_staleness_ms.map(Duration::from_millis),
             access_log: AccessLogSettings {
-                enabled: access_log.or(file.access_log).unwrap_or(true),
-                queue_capacity: access_log_queue.or(file.access_log_queue).unwrap_or(65_536),
+                enabled: access_log.unwrap_or(true),
+                queue_capacity: access_log_queue.unwrap_or(65_536),
                 retention: Retention {
                     max_records_per_key: access_log_max_records
-                        .or(file.access_log_max_records)
                         .unwrap_or(defaults.0.max_records_per_key),
                     max_age: access_log_max_age_secs
-                        .or(file.access_log_max_age_secs)
                         .map(Duration::from_secs)
                         .unwrap_or(defaults.0.max_age),
                 },
                 alerts: AlertConfig {
-                    max_blocked: alert_max_blocked
-                        .or(file.alert_max_blocked)
-                        .unwrap_or(defaults.1.max_blocked),
-                    max_distinct_ips: alert_max_distinct_ips
-                        .or(file.alert_max_distinct_ips)
-                        .unwrap_or(defaults.1.max_distinct_ips),
+                    max_blocked: alert_max_blocked.unwrap_or(defaults.1.max_blocked),
+                    max_distinct_ips: alert_max_distinct_ips.unwrap_or(defaults.1.max_distinct_ips),
                     window: alert_window_secs
-                        .or(file.alert_window_secs)
                         .map(Duration::from_secs)
                         .unwrap_or(defaults.1.window),
-                    webhook_url: alert_webhook_url
-                        .or(file.alert_webhook_url)
-                        .filter(|u| !u.is_empty()),
+                    webhook_url: alert_webhook_url.filter(|u| !u.is_empty()),
                 },
             },
-            metrics_listen: metrics_listen.or(file.metrics_listen),
-            otlp_endpoint: otlp_endpoint
-                .or(file.otlp_endpoint)
-                .filter(|e| !e.is_empty()),
+            metrics_listen,
+            otlp_endpoint: otlp_endpoint.filter(|e| !e.is_empty()),
         };
         config.validate()?;
         Ok(config)
@@ -497,7 +433,28 @@ impl fmt::Debug for Config {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+impl ServeArgs {
+    /// These settings, with what they leave unset taken from `file`.
+    fn over(self, file: ServeArgs) -> Result<ServeArgs, ConfigError> {
+        let serde_json::Value::Object(mut merged) =
+            serde_json::to_value(file).map_err(ConfigError::Layer)?
+        else {
+            unreachable!("a struct serializes as an object")
+        };
+        let serde_json::Value::Object(given) =
+            serde_json::to_value(&self).map_err(ConfigError::Layer)?
+        else {
+            unreachable!("a struct serializes as an object")
+        };
+        merged.extend(given.into_iter().filter(|(_, value)| !value.is_null()));
+        let mut layered: ServeArgs =
+            serde_json::from_value(merged.into()).map_err(ConfigError::Layer)?;
+        layered.config = self.config;
+        Ok(layered)
+    }
+}
+
+fn read_file(path: &Path) -> Result<ServeArgs, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
