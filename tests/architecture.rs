@@ -54,13 +54,12 @@ fn assert_none_of(package: &str, found: &BTreeSet<String>, forbidden: &[&str]) {
     );
 }
 
-#[test]
-fn the_policy_core_depends_on_no_runtime_wire_storage_or_randomness_crate() {
-    let found = dependencies("keyfence-policy", None);
-    assert!(found.contains("ipnet"), "cargo tree listed {found:?}");
-    assert_none_of(
+/// Per crate: a dependency `cargo tree` must list (so an empty answer cannot pass), the crates
+/// it must not depend on at any depth, and those it must not name directly.
+const CRATE_BOUNDARIES: [(&str, &str, &[&str], &[&str]); 3] = [
+    (
         "keyfence-policy",
-        &found,
+        "ipnet",
         &[
             "tokio",
             "tonic",
@@ -71,35 +70,34 @@ fn the_policy_core_depends_on_no_runtime_wire_storage_or_randomness_crate() {
             "hyper",
             "getrandom",
         ],
-    );
-}
-
-#[test]
-fn the_store_knows_no_wire_format_and_no_admin_rule() {
-    let found = dependencies("keyfence-store", None);
-    assert!(found.contains("redb"), "cargo tree listed {found:?}");
-    assert_none_of(
+        &[],
+    ),
+    (
         "keyfence-store",
-        &found,
+        "redb",
         &["tonic", "prost", "hyper", "http", "keyfence-admin", "rand"],
-    );
-}
+        &[],
+    ),
+    // The admin layer reaches storage only through the store's trait.
+    (
+        "keyfence-admin",
+        "keyfence-store",
+        &["tonic", "prost", "hyper", "http", "rand"],
+        &["redb", "redis", "tokio"],
+    ),
+];
 
 #[test]
-fn the_admin_layer_names_no_wire_crate_and_reaches_storage_only_through_the_store_trait() {
-    let all = dependencies("keyfence-admin", None);
-    assert!(all.contains("keyfence-store"), "cargo tree listed {all:?}");
-    assert_none_of(
-        "keyfence-admin",
-        &all,
-        &["tonic", "prost", "hyper", "http", "rand"],
-    );
-    let direct = dependencies("keyfence-admin", Some(1));
-    assert_none_of(
-        "keyfence-admin (directly)",
-        &direct,
-        &["redb", "redis", "tokio"],
-    );
+fn each_crate_depends_only_on_what_its_layer_allows() {
+    for (package, expected, forbidden, forbidden_directly) in CRATE_BOUNDARIES {
+        let all = dependencies(package, None);
+        assert!(
+            all.contains(expected),
+            "cargo tree -p {package} listed {all:?}"
+        );
+        assert_none_of(package, &all, forbidden);
+        assert_none_of(package, &dependencies(package, Some(1)), forbidden_directly);
+    }
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -4,48 +4,14 @@ use std::{sync::Arc, time::Duration};
 
 use keyfence::sync::PolicySync;
 use keyfence_policy::{
-    model::{
-        AllowlistEntry, Audit, Enforcement, KeyRecord, KeyStatus, SecretHash, SignatureScheme,
-        UnixMillis,
-    },
+    fixtures::{self, entry},
+    model::{KeyRecord, KeyStatus, SecretHash, UnixMillis},
     snapshot::SharedPolicy,
 };
 use keyfence_store::{Store, embedded::EmbeddedStore};
 
 fn record(id: &str) -> KeyRecord {
-    let audit = Audit {
-        actor: "t".into(),
-        at: UnixMillis(0),
-    };
-    KeyRecord {
-        id: id.parse().unwrap(),
-        partner_id: "acme".parse().unwrap(),
-        environment: "production".parse().unwrap(),
-        name: id.into(),
-        display_prefix: "kf_live_x".into(),
-        secret_hash: SecretHash::of(id),
-        previous_secret: None,
-        status: KeyStatus::Active,
-        ip_allowlist_enabled: true,
-        enforcement: Enforcement::Enforce,
-        signature: SignatureScheme::None,
-        rate_limit: None,
-        expires_at: None,
-        created: audit.clone(),
-        updated: audit,
-    }
-}
-
-fn entry(cidr: &str) -> AllowlistEntry {
-    AllowlistEntry {
-        cidr: cidr.parse().unwrap(),
-        description: String::new(),
-        added: Audit {
-            actor: "t".into(),
-            at: UnixMillis(0),
-        },
-        expires_at: None,
-    }
+    fixtures::record(id, "acme", "production", id)
 }
 
 fn setup(change_log_len: u64) -> (Arc<dyn Store>, Arc<PolicySync>, tempfile::TempDir) {

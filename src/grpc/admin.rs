@@ -9,7 +9,6 @@ use std::sync::Arc;
 use base64::Engine as _;
 use keyfence_admin::{
     Admin,
-    access::LogQuery,
     input::MAX_NAME_CHARS,
     keys::{KeyChanges, KeyQuery, KeyView, NewKey, Signing},
 };
@@ -17,7 +16,10 @@ use keyfence_policy::{
     decision::{AuthzRequest, KeySelector},
     model::{Enforcement, KeyId},
 };
-use keyfence_store::{KeyFilter, access_log::AccessRecord};
+use keyfence_store::{
+    KeyFilter,
+    access_log::{AccessQuery, AccessRecord},
+};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -374,9 +376,9 @@ impl AdminRpc for AdminService {
         let instant = |field: &str, t: Option<prost_types::Timestamp>| {
             t.map(|t| convert::instant(field, &t)).transpose()
         };
-        let query = LogQuery {
+        let query = AccessQuery {
             key_id: key_id("key_id", &request.key_id)?,
-            limit: request.limit,
+            limit: request.limit as usize,
             blocked_only: request.blocked_only,
             since: instant("since", request.since)?,
             until: instant("until", request.until)?,

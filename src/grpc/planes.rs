@@ -85,16 +85,21 @@ fn reflection() -> Result<
         .build_v1()?)
 }
 
+/// What both listeners serve: a span per RPC, health and reflection.
+fn common(health: &PlaneHealth) -> Result<Router, GrpcError> {
+    Ok(Server::builder()
+        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+        .add_service(health.service.clone())
+        .add_service(reflection()?))
+}
+
 /// Authorize, Envoy's Check, health and reflection.
 pub fn data_plane(
     decider: Arc<Decider>,
     ext_authz: ExtAuthzSettings,
     health: &PlaneHealth,
 ) -> Result<Router, GrpcError> {
-    Ok(Server::builder()
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .add_service(health.service.clone())
-        .add_service(reflection()?)
+    Ok(common(health)?
         .add_service(AuthorizerServer::new(AuthorizerService::new(
             decider.clone(),
         )))
@@ -109,16 +114,12 @@ pub fn admin_plane(
     auth: AdminAuth,
     health: &PlaneHealth,
 ) -> Result<Router, GrpcError> {
-    Ok(Server::builder()
-        .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .add_service(health.service.clone())
-        .add_service(reflection()?)
-        .add_service(InterceptedService::new(
-            AdminServer::new(AdminService::new(admin))
-                .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
-            auth,
-        )))
+    Ok(common(health)?.add_service(InterceptedService::new(
+        AdminServer::new(AdminService::new(admin))
+            .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
+        auth,
+    )))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves.

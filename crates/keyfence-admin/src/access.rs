@@ -3,7 +3,7 @@
 use keyfence_policy::{
     allowlist::EntrySource,
     decision::{AuthzRequest, Decision},
-    model::{AllowlistEntry, KeyId, Scope, UnixMillis},
+    model::{AllowlistEntry, Scope},
 };
 use keyfence_store::access_log::{AccessPage, AccessQuery};
 
@@ -19,22 +19,11 @@ pub struct AccessCheck {
     pub matched_entry: Option<AllowlistEntry>,
 }
 
-/// Which access records to list, newest first.
-#[derive(Debug, Clone)]
-pub struct LogQuery {
-    pub key_id: KeyId,
-    /// 0 means the default page size.
-    pub limit: u32,
-    pub blocked_only: bool,
-    pub since: Option<UnixMillis>,
-    pub until: Option<UnixMillis>,
-    pub page_token: Option<String>,
-}
-
 impl Admin {
     /// Decides as the data plane would, without side effects.
     pub async fn check_access(&self, request: &AuthzRequest<'_>) -> AdminResult<AccessCheck> {
         let decision = self
+            .parts
             .decisions
             .dry_run(request)
             .await
@@ -45,7 +34,7 @@ impl Admin {
                     EntrySource::Key => Scope::Key(key.id.clone()),
                     EntrySource::Partner => Scope::Partner(key.partner_scope()),
                 };
-                let list = self.store.get_allowlist(&scope).await?.value;
+                let list = self.parts.store.get_allowlist(&scope).await?.value;
                 list.into_iter().find(|e| e.cidr == matched.cidr)
             }
             _ => None,
@@ -56,32 +45,16 @@ impl Admin {
         })
     }
 
-    pub async fn list_access_logs(&self, query: LogQuery) -> AdminResult<AccessPage> {
-        self.store.get_key(&query.key_id).await?;
-        let limit = page_size(Field::Limit, query.limit)?;
+    /// Access records of one key, newest first. A `limit` of 0 means the default page size.
+    pub async fn list_access_logs(&self, mut query: AccessQuery) -> AdminResult<AccessPage> {
+        self.parts.store.get_key(&query.key_id).await?;
+        let requested = u32::try_from(query.limit).unwrap_or(u32::MAX);
+        query.limit = page_size(Field::Limit, requested)?;
         if let (Some(since), Some(until)) = (query.since, query.until)
             && since > until
         {
             return Err(AdminError::invalid(Field::Since, "is after until"));
         }
-        let LogQuery {
-            key_id,
-            limit: _,
-            blocked_only,
-            since,
-            until,
-            page_token,
-        } = query;
-        Ok(self
-            .access_log
-            .list(&AccessQuery {
-                key_id,
-                limit,
-                blocked_only,
-                since,
-                until,
-                page_token,
-            })
-            .await?)
+        Ok(self.parts.access_log.list(&query).await?)
     }
 }

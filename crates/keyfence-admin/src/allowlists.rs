@@ -11,7 +11,7 @@ use crate::{
     error::{AdminError, AdminResult, EntryPart, Field},
     keys::in_future,
     principal::Principal,
-    rules,
+    rules::{self, RuleViolation},
 };
 
 impl Admin {
@@ -19,7 +19,7 @@ impl Admin {
         &self,
         scope: &Scope,
     ) -> AdminResult<Committed<Vec<AllowlistEntry>>> {
-        Ok(self.store.get_allowlist(scope).await?)
+        Ok(self.parts.store.get_allowlist(scope).await?)
     }
 
     /// Adds entries; a network already listed is replaced (new description, expiry and audit).
@@ -35,12 +35,14 @@ impl Admin {
         let audit = self.audit(principal);
         let added = self.entries_with_audit(entries, &audit)?;
         let count = added.len();
-        let edit: AllowlistEdit = Box::new(move |key, list| {
-            rules::ensure_editable(key)?;
-            Ok(rules::add_entries(list, added.clone())?)
-        });
-        self.edit_allowlist(scope, edit, &audit, count, "allowlist entries added")
-            .await
+        self.edit_allowlist(
+            scope,
+            &audit,
+            count,
+            "allowlist entries added",
+            move |list| rules::add_entries(list, added.clone()),
+        )
+        .await
     }
 
     /// Replaces the whole list, all or nothing.
@@ -53,12 +55,10 @@ impl Admin {
         let audit = self.audit(principal);
         let replacement = self.entries_with_audit(entries, &audit)?;
         let count = replacement.len();
-        let edit: AllowlistEdit = Box::new(move |key, list| {
-            rules::ensure_editable(key)?;
-            Ok(rules::replace_entries(list, replacement.clone())?)
-        });
-        self.edit_allowlist(scope, edit, &audit, count, "allowlist replaced")
-            .await
+        self.edit_allowlist(scope, &audit, count, "allowlist replaced", move |list| {
+            rules::replace_entries(list, replacement.clone())
+        })
+        .await
     }
 
     /// Removes entries by network; every network named must be listed.
@@ -73,24 +73,31 @@ impl Admin {
         }
         let audit = self.audit(principal);
         let count = networks.len();
-        let edit: AllowlistEdit = Box::new(move |key, list| {
-            rules::ensure_editable(key)?;
-            Ok(rules::remove_entries(list, &networks)?)
-        });
-        self.edit_allowlist(scope, edit, &audit, count, "allowlist entries removed")
-            .await
+        self.edit_allowlist(
+            scope,
+            &audit,
+            count,
+            "allowlist entries removed",
+            move |list| rules::remove_entries(list, &networks),
+        )
+        .await
     }
 
-    /// Runs one allowlist edit, waits until this replica sees it, and logs it.
+    /// Runs one allowlist edit in the store's transaction (refused for a revoked key's list),
+    /// waits until this replica sees it, and logs it.
     async fn edit_allowlist(
         &self,
         scope: &Scope,
-        edit: AllowlistEdit,
         audit: &Audit,
         count: usize,
         what: &'static str,
+        edit: impl Fn(&mut Vec<AllowlistEntry>) -> Result<(), RuleViolation> + Send + Sync + 'static,
     ) -> AdminResult<Committed<Vec<AllowlistEntry>>> {
-        let committed = self.store.modify_allowlist(scope, edit).await?;
+        let edit: AllowlistEdit = Box::new(move |owner, list| {
+            rules::ensure_editable(owner)?;
+            Ok(edit(list)?)
+        });
+        let committed = self.parts.store.modify_allowlist(scope, edit).await?;
         let committed = self.visible(committed).await;
         tracing::info!(%scope, actor = %audit.actor, count, revision = committed.revision, "{what}");
         Ok(committed)

@@ -4,14 +4,14 @@ use keyfence_policy::model::{
     Audit, Enforcement, Environment, KeyId, KeyRecord, KeyStatus, MintedSecret, NewEntry,
     PartnerId, PreviousSecret, RateLimit, SignatureScheme, UnixMillis,
 };
-use keyfence_store::{Committed, KeyFilter, access_log::LastUse};
+use keyfence_store::{Committed, KeyEdit, KeyFilter, access_log::LastUse};
 
 use crate::{
     Admin,
     error::{AdminError, AdminResult, Field},
     input::{DEFAULT_PAGE_SIZE, MAX_GRACE_SECS, MAX_PAGE_SIZE},
     principal::Principal,
-    rules,
+    rules::{self, RuleViolation},
 };
 
 /// How requests made with a new key must be signed.
@@ -146,9 +146,9 @@ impl Admin {
         let entries = self.entries_with_audit(new.allowlist, &audit)?;
         rules::reject_duplicates(&entries)?;
 
-        let minted = MintedSecret::generate(&new.environment, &*self.random);
+        let minted = MintedSecret::generate(&new.environment, &*self.parts.random);
         let record = KeyRecord {
-            id: KeyId::generate(&*self.random),
+            id: KeyId::generate(&*self.parts.random),
             partner_id: new.partner_id,
             environment: new.environment,
             name: new.name,
@@ -165,7 +165,7 @@ impl Admin {
             updated: audit.clone(),
         };
         let committed = self
-            .visible(self.store.insert_key(record, entries).await?)
+            .visible(self.parts.store.insert_key(record, entries).await?)
             .await;
         tracing::info!(key_id = %committed.value.id, actor = %audit.actor, revision = committed.revision, "key created");
         Ok(Committed {
@@ -179,7 +179,7 @@ impl Admin {
     }
 
     pub async fn get_key(&self, id: &KeyId) -> AdminResult<KeyView> {
-        let record = self.store.get_key(id).await?;
+        let record = self.parts.store.get_key(id).await?;
         let mut views = self.with_last_use(vec![record]).await?;
         Ok(views.pop().expect("one view per record"))
     }
@@ -187,6 +187,7 @@ impl Admin {
     pub async fn list_keys(&self, query: KeyQuery) -> AdminResult<KeysPage> {
         let limit = page_size(Field::PageSize, query.page_size)?;
         let page = self
+            .parts
             .store
             .list_keys(&query.filter, query.after.as_ref(), limit)
             .await?;
@@ -209,51 +210,41 @@ impl Admin {
         if let Some(Some(at)) = changes.expires_at {
             in_future(Field::ExpiresAt, at, audit.at)?;
         }
-        let edit_audit = audit.clone();
-        let committed = self
-            .store
-            .modify_key(
-                id,
-                Box::new(move |record| {
-                    rules::ensure_not_revoked(record)?;
-                    let KeyChanges {
-                        name,
-                        enabled,
-                        ip_allowlist_enabled,
-                        expires_at,
-                        enforcement,
-                        rate_limit,
-                    } = &changes;
-                    if let Some(name) = name {
-                        record.name = name.clone();
-                    }
-                    if let Some(enabled) = enabled {
-                        record.status = if *enabled {
-                            KeyStatus::Active
-                        } else {
-                            KeyStatus::Disabled
-                        };
-                    }
-                    if let Some(on) = ip_allowlist_enabled {
-                        record.ip_allowlist_enabled = *on;
-                    }
-                    if let Some(expires_at) = expires_at {
-                        record.expires_at = *expires_at;
-                    }
-                    if let Some(enforcement) = enforcement {
-                        record.enforcement = *enforcement;
-                    }
-                    if let Some(rate_limit) = rate_limit {
-                        record.rate_limit = *rate_limit;
-                    }
-                    rules::touch(record, edit_audit.clone());
-                    Ok(())
-                }),
-            )
-            .await?;
-        let committed = self.visible(committed).await;
-        tracing::info!(key_id = %id, actor = %audit.actor, revision = committed.revision, "key updated");
-        Ok(committed)
+        self.edit_key(id, &audit, "key updated", move |record| {
+            rules::ensure_not_revoked(record)?;
+            let KeyChanges {
+                name,
+                enabled,
+                ip_allowlist_enabled,
+                expires_at,
+                enforcement,
+                rate_limit,
+            } = &changes;
+            if let Some(name) = name {
+                record.name = name.clone();
+            }
+            if let Some(enabled) = enabled {
+                record.status = if *enabled {
+                    KeyStatus::Active
+                } else {
+                    KeyStatus::Disabled
+                };
+            }
+            if let Some(on) = ip_allowlist_enabled {
+                record.ip_allowlist_enabled = *on;
+            }
+            if let Some(expires_at) = expires_at {
+                record.expires_at = *expires_at;
+            }
+            if let Some(enforcement) = enforcement {
+                record.enforcement = *enforcement;
+            }
+            if let Some(rate_limit) = rate_limit {
+                record.rate_limit = *rate_limit;
+            }
+            Ok(())
+        })
+        .await
     }
 
     pub async fn revoke_key(
@@ -262,22 +253,12 @@ impl Admin {
         id: &KeyId,
     ) -> AdminResult<Committed<KeyRecord>> {
         let audit = self.audit(principal);
-        let edit_audit = audit.clone();
-        let committed = self
-            .store
-            .modify_key(
-                id,
-                Box::new(move |record| {
-                    record.status = KeyStatus::Revoked;
-                    record.previous_secret = None;
-                    rules::touch(record, edit_audit.clone());
-                    Ok(())
-                }),
-            )
-            .await?;
-        let committed = self.visible(committed).await;
-        tracing::info!(key_id = %id, actor = %audit.actor, revision = committed.revision, "key revoked");
-        Ok(committed)
+        self.edit_key(id, &audit, "key revoked", |record| {
+            record.status = KeyStatus::Revoked;
+            record.previous_secret = None;
+            Ok(())
+        })
+        .await
     }
 
     /// Issues a new secret; the old one keeps working for `grace_period_secs` (0: not at all).
@@ -294,30 +275,24 @@ impl Admin {
             ));
         }
         let audit = self.audit(principal);
-        let current = self.store.get_key(id).await?;
-        let minted = MintedSecret::generate(&current.environment, &*self.random);
+        let current = self.parts.store.get_key(id).await?;
+        let minted = MintedSecret::generate(&current.environment, &*self.parts.random);
         let (hash, prefix) = (minted.hash, minted.display_prefix.clone());
         let grace = i64::from(grace_period_secs);
-        let edit_audit = audit.clone();
+        let grace_ends = audit.at.saturating_add_secs(grace);
+        tracing::info!(key_id = %id, actor = %audit.actor, grace_secs = grace, "rotating key");
         let committed = self
-            .store
-            .modify_key(
-                id,
-                Box::new(move |record| {
-                    rules::ensure_not_revoked(record)?;
-                    record.previous_secret = (grace > 0).then(|| PreviousSecret {
-                        hash: record.secret_hash,
-                        valid_until: edit_audit.at.saturating_add_secs(grace),
-                    });
-                    record.secret_hash = hash;
-                    record.display_prefix = prefix.clone();
-                    rules::touch(record, edit_audit.clone());
-                    Ok(())
-                }),
-            )
+            .edit_key(id, &audit, "key rotated", move |record| {
+                rules::ensure_not_revoked(record)?;
+                record.previous_secret = (grace > 0).then_some(PreviousSecret {
+                    hash: record.secret_hash,
+                    valid_until: grace_ends,
+                });
+                record.secret_hash = hash;
+                record.display_prefix = prefix.clone();
+                Ok(())
+            })
             .await?;
-        let committed = self.visible(committed).await;
-        tracing::info!(key_id = %id, actor = %audit.actor, grace_secs = grace, revision = committed.revision, "key rotated");
         Ok(Committed {
             revision: committed.revision,
             value: RotatedKey {
@@ -336,7 +311,7 @@ impl Admin {
             Signing::None => Ok((SignatureScheme::None, None)),
             Signing::HmacSha256 => {
                 let mut secret = vec![0u8; 32];
-                self.random.fill(&mut secret);
+                self.parts.random.fill(&mut secret);
                 Ok((
                     SignatureScheme::HmacSha256 {
                         secret: secret.clone(),
@@ -353,9 +328,30 @@ impl Admin {
         }
     }
 
+    /// Edits a key in the store's transaction, stamps who changed it and when, waits until this
+    /// replica sees the edit, and logs it as `what`.
+    async fn edit_key(
+        &self,
+        id: &KeyId,
+        audit: &Audit,
+        what: &'static str,
+        edit: impl Fn(&mut KeyRecord) -> Result<(), RuleViolation> + Send + Sync + 'static,
+    ) -> AdminResult<Committed<KeyRecord>> {
+        let stamp = audit.clone();
+        let edit: KeyEdit = Box::new(move |record| {
+            edit(record)?;
+            rules::touch(record, stamp.clone());
+            Ok(())
+        });
+        let committed = self.parts.store.modify_key(id, edit).await?;
+        let committed = self.visible(committed).await;
+        tracing::info!(key_id = %id, actor = %audit.actor, revision = committed.revision, "{what}");
+        Ok(committed)
+    }
+
     async fn with_last_use(&self, records: Vec<KeyRecord>) -> AdminResult<Vec<KeyView>> {
         let ids: Vec<KeyId> = records.iter().map(|r| r.id.clone()).collect();
-        let last_used = self.access_log.last_used(&ids).await?;
+        let last_used = self.parts.access_log.last_used(&ids).await?;
         Ok(records
             .into_iter()
             .zip(last_used)
@@ -366,7 +362,7 @@ impl Admin {
     pub(crate) fn audit(&self, principal: &Principal) -> Audit {
         Audit {
             actor: principal.name().to_owned(),
-            at: self.clock.now(),
+            at: self.parts.clock.now(),
         }
     }
 }

@@ -40,14 +40,7 @@ pub use self::{
 
 /// The admin application layer: one per process, shared by every admin surface.
 pub struct Admin {
-    store: Arc<dyn Store>,
-    access_log: Arc<dyn AccessLogStore>,
-    decisions: Arc<dyn Decisions>,
-    clock: Arc<dyn Clock>,
-    random: Arc<dyn RandomSource>,
-    environments: Environments,
-    /// How long a mutation waits for this replica's snapshot to include it.
-    visibility_wait: Duration,
+    parts: AdminParts,
 }
 
 /// Everything an [`Admin`] is built from.
@@ -58,42 +51,27 @@ pub struct AdminParts {
     pub clock: Arc<dyn Clock>,
     pub random: Arc<dyn RandomSource>,
     pub environments: Environments,
+    /// How long a mutation waits for this replica's snapshot to include it.
     pub visibility_wait: Duration,
 }
 
 impl Admin {
     pub fn new(parts: AdminParts) -> Admin {
-        let AdminParts {
-            store,
-            access_log,
-            decisions,
-            clock,
-            random,
-            environments,
-            visibility_wait,
-        } = parts;
-        Admin {
-            store,
-            access_log,
-            decisions,
-            clock,
-            random,
-            environments,
-            visibility_wait,
-        }
+        Admin { parts }
     }
 
     /// The environments keys and partner lists can live in, for the edge to parse against.
     pub fn environments(&self) -> &Environments {
-        &self.environments
+        &self.parts.environments
     }
 
     /// Waits until this replica's snapshot includes a write, so that a caller who writes and then
     /// asks this replica sees its write. A write that is slow to apply is still committed.
     async fn visible<T>(&self, committed: Committed<T>) -> Committed<T> {
         if !self
+            .parts
             .decisions
-            .wait_for_revision(committed.revision, self.visibility_wait)
+            .wait_for_revision(committed.revision, self.parts.visibility_wait)
             .await
         {
             tracing::warn!(
