@@ -2,6 +2,7 @@
 //! clients of the Admin service. Tables by default, `--json` for scripts; errors exit non-zero
 //! with the server's message.
 
+mod admin_token;
 mod allowlist;
 mod check;
 mod client;
@@ -29,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Run the service (embedded store in --data-dir).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list, inspect, update, revoke and rotate API keys.
     Keys {
         #[command(flatten)]
@@ -43,6 +44,11 @@ pub enum Command {
         client: ClientOptions,
         #[command(subcommand)]
         command: allowlist::AllowlistCommand,
+    },
+    /// Make named admin tokens for --admin-tokens-file (no server needed).
+    AdminToken {
+        #[command(subcommand)]
+        command: admin_token::AdminTokenCommand,
     },
     /// Show a key's access log, newest first.
     Logs {
@@ -74,6 +80,31 @@ pub enum CliError {
     Input(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{error}\nhint: {hint}")]
+    Hinted {
+        error: Box<CliError>,
+        hint: &'static str,
+    },
+}
+
+impl CliError {
+    /// What a plaintext client sees when the listener speaks TLS: HTTP/2 fails below gRPC.
+    fn looks_like_tls_mismatch(&self) -> bool {
+        match self {
+            CliError::Status(status) => {
+                matches!(
+                    status.code(),
+                    tonic::Code::Internal
+                        | tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                ) && (status.message().contains("h2 protocol error")
+                    || status.message().contains("transport error")
+                    || status.message().contains("operation was canceled"))
+            }
+            _ => false,
+        }
+    }
 }
 
 impl From<tonic::Status> for CliError {
@@ -84,13 +115,32 @@ impl From<tonic::Status> for CliError {
 
 /// Runs an admin command.
 pub async fn run_admin(command: Command) -> Result<(), CliError> {
-    match command {
+    let plaintext = match &command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::AdminToken { .. } => false,
+        Command::Keys { client, .. }
+        | Command::Allowlist { client, .. }
+        | Command::Check { client, .. }
+        | Command::Logs { client, .. } => !client.admin_addr.starts_with("https://"),
+    };
+    let result = match command {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::AdminToken { command } => admin_token::run(command),
         Command::Keys { client, command } => keys::run(&client, command).await,
         Command::Allowlist { client, command } => allowlist::run(&client, command).await,
         Command::Check { client, args } => check::run(&client, args).await,
         Command::Logs { client, args } => logs::run(&client, args).await,
-    }
+    };
+    result.map_err(|error| {
+        if plaintext && error.looks_like_tls_mismatch() {
+            CliError::Hinted {
+                error: Box::new(error),
+                hint: "if the admin listener uses TLS, use an https:// address with --ca-cert",
+            }
+        } else {
+            error
+        }
+    })
 }
 
 fn code_name(code: tonic::Code) -> &'static str {

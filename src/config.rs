@@ -22,7 +22,7 @@ use keyfence_policy::{
 };
 use keyfence_store::access_log::Retention;
 
-use crate::access::alerts::AlertConfig;
+use crate::{access::alerts::AlertConfig, grpc::tls::TlsFiles};
 
 /// Every setting of `keyfence serve`, as flags and environment variables and, under the same
 /// names in snake_case, as the TOML file. Every field is optional so that a value left unset
@@ -43,10 +43,45 @@ pub struct ServeArgs {
     /// Directory of the embedded store. Default ./keyfence-data.
     #[arg(long, env = "KEYFENCE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Bearer token admin callers must present; required when the admin listener is not on
-    /// loopback. At least 16 characters.
+    /// A bearer token admin callers may present, named `admin` (at least 16 characters). Prefer
+    /// --admin-tokens-file. With neither, the first start writes a random token to
+    /// <data-dir>/admin.token (0600), which the CLI reads.
     #[arg(long, env = "KEYFENCE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// File of named admin token digests, one `NAME sha256:HEX` line each (`keyfence admin-token
+    /// new` makes them), so that each person's token can be rotated alone. Default none.
+    #[arg(long, env = "KEYFENCE_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<PathBuf>,
+    /// PEM certificate chain of the data-plane listener; with --tls-key it speaks TLS. Reloaded
+    /// when the file changes or on SIGHUP. Default none (plaintext).
+    #[arg(long, env = "KEYFENCE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the data-plane listener.
+    #[arg(long, env = "KEYFENCE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates data-plane clients must present a certificate from (mTLS): a client
+    /// without one is refused in the handshake. Default none.
+    #[arg(long, env = "KEYFENCE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM certificate chain of the admin listener; with --admin-tls-key it speaks TLS.
+    #[arg(long, env = "KEYFENCE_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of the admin listener.
+    #[arg(long, env = "KEYFENCE_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// PEM CA certificates admin clients must present a certificate from (mTLS); a verified
+    /// certificate authenticates as its subject CN (else its first DNS SAN). Default none.
+    #[arg(long, env = "KEYFENCE_ADMIN_TLS_CLIENT_CA")]
+    pub admin_tls_client_ca: Option<PathBuf>,
+    /// Allow a plaintext admin listener off loopback (tokens then cross the network in clear).
+    /// Default false: off loopback the admin listener needs --admin-tls-cert and --admin-tls-key.
+    #[arg(long, env = "KEYFENCE_ADMIN_INSECURE_PLAINTEXT", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub admin_insecure_plaintext: Option<bool>,
+    /// Source networks that may call Authorize and Check at all, comma-separated CIDRs; any other
+    /// caller gets PERMISSION_DENIED before a key is looked up. For deployments without mTLS.
+    /// Default: every caller.
+    #[arg(long, env = "KEYFENCE_DATA_ALLOWED_CALLERS", value_delimiter = ',')]
+    pub data_allowed_callers: Option<Vec<String>>,
     /// Environments keys can live in, comma-separated. Default production,sandbox.
     #[arg(long, env = "KEYFENCE_ENVIRONMENTS", value_delimiter = ',')]
     pub environments: Option<Vec<String>>,
@@ -168,6 +203,14 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub admin_token: Option<String>,
+    pub admin_tokens_file: Option<PathBuf>,
+    /// `None`: the data plane is plaintext.
+    pub data_tls: Option<TlsFiles>,
+    /// `None`: the admin plane is plaintext (on loopback, or with `admin_insecure_plaintext`).
+    pub admin_tls: Option<TlsFiles>,
+    pub admin_insecure_plaintext: bool,
+    /// Empty: every caller may ask for decisions.
+    pub data_allowed_callers: Vec<Cidr>,
     pub environments: Environments,
     pub signature_window: Duration,
     pub min_revision_wait: Duration,
@@ -223,6 +266,15 @@ impl Config {
             admin_listen,
             data_dir,
             admin_token,
+            admin_tokens_file,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            admin_tls_cert,
+            admin_tls_key,
+            admin_tls_client_ca,
+            admin_insecure_plaintext,
+            data_allowed_callers,
             environments,
             signature_window_secs,
             min_revision_wait_ms,
@@ -255,11 +307,27 @@ impl Config {
             admin_listen: admin_listen.unwrap_or(([127, 0, 0, 1], 50052).into()),
             data_dir: data_dir.unwrap_or_else(|| "keyfence-data".into()),
             admin_token: admin_token.filter(|t| !t.is_empty()),
+            admin_tokens_file,
+            data_tls: tls_files(
+                ("tls_cert", tls_cert),
+                ("tls_key", tls_key),
+                ("tls_client_ca", tls_client_ca),
+            )?,
+            admin_tls: tls_files(
+                ("admin_tls_cert", admin_tls_cert),
+                ("admin_tls_key", admin_tls_key),
+                ("admin_tls_client_ca", admin_tls_client_ca),
+            )?,
+            admin_insecure_plaintext: admin_insecure_plaintext.unwrap_or(false),
+            data_allowed_callers: parse_cidrs(
+                "data_allowed_callers",
+                &data_allowed_callers.unwrap_or_default(),
+            )?,
             environments: parse_environments(&environment_names)?,
             signature_window: Duration::from_secs(u64::from(signature_window_secs.unwrap_or(300))),
             min_revision_wait: Duration::from_millis(min_revision_wait_ms.unwrap_or(2000)),
             log_format: log_format.unwrap_or(LogFormat::Pretty),
-            trusted_proxies: parse_trusted_proxies(&trusted_proxies.unwrap_or_default())?,
+            trusted_proxies: parse_cidrs("trusted_proxies", &trusted_proxies.unwrap_or_default())?,
             trust_x_real_ip: trust_x_real_ip.unwrap_or(false),
             detailed_denials: detailed_denials.unwrap_or(false),
             detailed_denials_include_allowlist: detailed_denials_include_allowlist.unwrap_or(false),
@@ -298,17 +366,27 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         match &self.admin_token {
-            None if !self.admin_listen.ip().is_loopback() => Err(ConfigError::Invalid {
-                setting: "admin_token",
-                reason: format!(
-                    "is required because the admin listener {} is not on loopback",
-                    self.admin_listen
-                ),
-            }),
-            Some(token) if token.len() < 16 => Err(ConfigError::Invalid {
-                setting: "admin_token",
-                reason: "must be at least 16 characters".into(),
-            }),
+            _ if self.admin_tls.is_none()
+                && !self.admin_insecure_plaintext
+                && !self.admin_listen.ip().is_loopback() =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "admin_listen",
+                    reason: format!(
+                        "{} is not on loopback, so the admin plane needs TLS: give admin_tls_cert and admin_tls_key (or admin_insecure_plaintext to send tokens in clear)",
+                        self.admin_listen
+                    ),
+                })
+            }
+            Some(token) if token.chars().count() < crate::authn::MIN_TOKEN_CHARS => {
+                Err(ConfigError::Invalid {
+                    setting: "admin_token",
+                    reason: format!(
+                        "must be at least {} characters",
+                        crate::authn::MIN_TOKEN_CHARS
+                    ),
+                })
+            }
             _ if self.signature_window.is_zero() => Err(ConfigError::Invalid {
                 setting: "signature_window_secs",
                 reason: "must be at least 1".into(),
@@ -391,6 +469,18 @@ impl fmt::Debug for Config {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("admin_tokens_file", &self.admin_tokens_file)
+            .field("data_tls", &self.data_tls)
+            .field("admin_tls", &self.admin_tls)
+            .field("admin_insecure_plaintext", &self.admin_insecure_plaintext)
+            .field(
+                "data_allowed_callers",
+                &self
+                    .data_allowed_callers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>(),
+            )
             .field("environments", &self.environments.names())
             .field("signature_window_secs", &self.signature_window.as_secs())
             .field("min_revision_wait_ms", &self.min_revision_wait.as_millis())
@@ -465,18 +555,46 @@ fn read_file(path: &Path) -> Result<ServeArgs, ConfigError> {
     })
 }
 
-fn parse_trusted_proxies(entries: &[String]) -> Result<Vec<Cidr>, ConfigError> {
+fn parse_cidrs(setting: &'static str, entries: &[String]) -> Result<Vec<Cidr>, ConfigError> {
     entries
         .iter()
         .map(|entry| entry.trim())
         .filter(|entry| !entry.is_empty())
         .map(|entry| {
             entry.parse::<Cidr>().map_err(|e| ConfigError::Invalid {
-                setting: "trusted_proxies",
+                setting,
                 reason: e.to_string(),
             })
         })
         .collect()
+}
+
+/// A listener's TLS files: a certificate and its key together, a client CA only with them.
+fn tls_files(
+    (cert_setting, cert): (&'static str, Option<PathBuf>),
+    (key_setting, key): (&'static str, Option<PathBuf>),
+    (ca_setting, client_ca): (&'static str, Option<PathBuf>),
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None) if client_ca.is_some() => Err(ConfigError::Invalid {
+            setting: ca_setting,
+            reason: format!("needs {cert_setting} and {key_setting}"),
+        }),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::Invalid {
+            setting: key_setting,
+            reason: format!("is required with {cert_setting}"),
+        }),
+        (None, Some(_)) => Err(ConfigError::Invalid {
+            setting: cert_setting,
+            reason: format!("is required with {key_setting}"),
+        }),
+    }
 }
 
 fn parse_environments(names: &[String]) -> Result<Environments, ConfigError> {
@@ -505,7 +623,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_loopback_and_need_no_token() {
+    fn defaults_are_loopback() {
         let config = Config::resolve(ServeArgs::default()).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:50052");
@@ -514,27 +632,65 @@ mod tests {
     }
 
     #[test]
-    fn non_loopback_admin_requires_a_token() {
+    fn a_non_loopback_admin_listener_needs_tls_or_an_explicit_plaintext_choice() {
         let args = ServeArgs {
             admin_listen: Some("0.0.0.0:50052".parse().unwrap()),
             ..Default::default()
         };
         let err = Config::resolve(args.clone()).err().unwrap();
         assert!(
-            err.to_string().starts_with("admin_token: is required"),
+            err.to_string().starts_with(
+                "admin_listen: 0.0.0.0:50052 is not on loopback, so the admin plane needs TLS"
+            ),
             "{err}"
         );
-        let short = ServeArgs {
-            admin_token: Some("short".into()),
+        let with_tls = ServeArgs {
+            admin_tls_cert: Some("admin.crt".into()),
+            admin_tls_key: Some("admin.key".into()),
             ..args.clone()
         };
-        assert!(Config::resolve(short).is_err());
-        let ok = ServeArgs {
+        assert!(Config::resolve(with_tls).unwrap().admin_tls.is_some());
+        let plaintext = ServeArgs {
+            admin_insecure_plaintext: Some(true),
             admin_token: Some("a-long-enough-token".into()),
-            ..args
+            ..args.clone()
         };
-        let config = Config::resolve(ok).unwrap();
+        let config = Config::resolve(plaintext).unwrap();
         assert!(!format!("{config:?}").contains("a-long-enough-token"));
+        let short = ServeArgs {
+            admin_token: Some("short".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(short).is_err());
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        for (args, expected) in [
+            (
+                ServeArgs {
+                    tls_cert: Some("a.crt".into()),
+                    ..Default::default()
+                },
+                "tls_key: is required with tls_cert",
+            ),
+            (
+                ServeArgs {
+                    admin_tls_key: Some("a.key".into()),
+                    ..Default::default()
+                },
+                "admin_tls_cert: is required with admin_tls_key",
+            ),
+            (
+                ServeArgs {
+                    tls_client_ca: Some("ca.crt".into()),
+                    ..Default::default()
+                },
+                "tls_client_ca: needs tls_cert and tls_key",
+            ),
+        ] {
+            assert_eq!(Config::resolve(args).err().unwrap().to_string(), expected);
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod decision_io;
 pub mod ext_authz;
 pub mod planes;
 pub mod status;
+pub mod tls;
 
 /// Generated protobuf and tonic code for `keyfence.v1`.
 pub mod pb {

@@ -11,6 +11,7 @@
 //! - [`telemetry`]: logs, OpenTelemetry export and Prometheus metrics.
 //! - [`access`]: records decisions in the access log and raises alerts, off the decision path.
 //! - [`authz`]: the decision service every data-plane front end shares.
+//! - [`authn`]: who calls the admin plane: named token digests and client certificates.
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
 //! - [`server`]: wires the above together and runs the listeners.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod authn;
 pub mod authz;
 pub mod cli;
 pub mod config;

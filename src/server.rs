@@ -20,12 +20,14 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     access::{self, AccessLogConfig, AccessRecorder},
+    authn::{AdminCredentials, AuthnError, CredentialSettings, TokenSource},
     authz::{Decider, DeciderParts, Nonces},
     config::Config,
     grpc::{
         auth::AdminAuth,
         ext_authz::{ExtAuthzSettings, denial::DenialDetail},
-        planes::{self, GrpcError, PlaneHealth},
+        planes::{self, AllowedCallers, GrpcError, PlaneHealth, Transport},
+        tls::{ReloadingTls, TlsError, TlsFiles},
     },
     sync::PolicySync,
     system::{OsRandom, SystemClock},
@@ -48,6 +50,10 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    #[error("admin credentials: {0}")]
+    Credentials(#[from] AuthnError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The bound listeners.
@@ -194,6 +200,48 @@ async fn report_health(health: &PlaneHealth, sync: &Arc<PolicySync>) {
     });
 }
 
+/// The admin plane's credentials; never none.
+fn admin_credentials(config: &Config) -> Result<AdminCredentials, ServerError> {
+    let (credentials, source) = AdminCredentials::load(
+        CredentialSettings {
+            tokens_file: config.admin_tokens_file.as_deref(),
+            token: config.admin_token.as_deref(),
+            data_dir: &config.data_dir,
+            accept_client_certificates: config
+                .admin_tls
+                .as_ref()
+                .is_some_and(|tls| tls.client_ca.is_some()),
+        },
+        &OsRandom,
+    )?;
+    match source {
+        TokenSource::TokensFile(path) => {
+            tracing::info!(file = %path.display(), "admin tokens from the tokens file")
+        }
+        TokenSource::Configured => tracing::info!("admin token from the configuration"),
+        TokenSource::Generated { path, created } => tracing::info!(
+            file = %path.display(),
+            created,
+            "admin token in the data directory; the CLI reads it from there"
+        ),
+    }
+    Ok(credentials)
+}
+
+/// A listener's transport; with TLS, a task reloads its certificates until `stop`.
+fn transport(
+    name: &'static str,
+    files: &Option<TlsFiles>,
+    stop: &Stop,
+) -> Result<Transport, ServerError> {
+    let Some(files) = files else {
+        return Ok(Transport::Plaintext);
+    };
+    let tls = ReloadingTls::load(name, files.clone())?;
+    tokio::spawn(tls.clone().watch(stop.stopped()));
+    Ok(Transport::Tls(tls))
+}
+
 fn local_addr(listener: &TcpListener, configured: SocketAddr) -> Result<SocketAddr, ServerError> {
     listener.local_addr().map_err(|source| ServerError::Bind {
         addr: configured,
@@ -208,6 +256,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let credentials = admin_credentials(&config)?;
     let Backends {
         store,
         access_log,
@@ -247,13 +296,20 @@ pub async fn run(
     let data_addr = local_addr(&listeners.data, config.listen)?;
     let admin_addr = local_addr(&listeners.admin, config.admin_listen)?;
     let data_plane = planes::serve(
-        planes::data_plane(decider, ext_authz_settings(&config), &health)?,
+        planes::data_plane(
+            decider,
+            ext_authz_settings(&config),
+            AllowedCallers::new(config.data_allowed_callers.clone()),
+            &health,
+        )?,
         listeners.data,
+        transport("data", &config.data_tls, &stop)?,
         stop.stopped(),
     );
     let admin_plane = planes::serve(
-        planes::admin_plane(admin, AdminAuth::new(config.admin_token.clone()), &health)?,
+        planes::admin_plane(admin, AdminAuth::new(credentials), &health)?,
         listeners.admin,
+        transport("admin", &config.admin_tls, &stop)?,
         stop.stopped(),
     );
 

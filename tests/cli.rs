@@ -19,6 +19,7 @@ fn cli(server: &Server, dir: &Path, args: &[&str]) -> Output {
             format!("http://{}", server.admin_addr),
         )
         .env("KEYFENCE_ACTOR", "ci-bot")
+        .env("KEYFENCE_ADMIN_TOKEN_FILE", server.admin_token_file())
         .env_remove("KEYFENCE_ADMIN_TOKEN")
         .output()
         .expect("run keyfence")
@@ -54,6 +55,13 @@ fn readme_walkthrough() -> String {
 fn readme_walkthrough_works_as_printed() {
     let server = Server::start(&[]);
     let dir = tempfile::tempdir().unwrap();
+    // The reader runs the CLI where `keyfence serve` ran, so ./keyfence-data is the server's data
+    // directory and the CLI finds the admin token it generated there.
+    std::os::unix::fs::symlink(
+        server.data_dir.join("data"),
+        dir.path().join("keyfence-data"),
+    )
+    .unwrap();
     let script = readme_walkthrough();
     assert!(script.contains("keyfence check"), "{script}");
     let bin_dir = Path::new(BIN).parent().unwrap();
@@ -71,6 +79,7 @@ fn readme_walkthrough_works_as_printed() {
             format!("http://{}", server.admin_addr),
         )
         .env_remove("KEYFENCE_ADMIN_TOKEN")
+        .env_remove("KEYFENCE_ADMIN_TOKEN_FILE")
         .output()
         .unwrap();
     let out = stdout(&output);
@@ -133,7 +142,7 @@ fn json_output_import_and_errors() {
     let id = created["key"]["id"].as_str().unwrap().to_owned();
     assert!(created["secret"].as_str().unwrap().starts_with("kf_live_"));
     assert!(created["signing_secret"].as_str().unwrap().len() >= 40);
-    assert_eq!(created["key"]["created_by"], "ci-bot");
+    assert_eq!(created["key"]["created_by"], "admin/ci-bot");
     assert_eq!(
         created["key"]["ip_allowlist_enabled"], true,
         "the CLI enables the allowlist by default"
@@ -194,7 +203,7 @@ fn json_output_import_and_errors() {
     assert_eq!(entries.len(), 3);
     assert!(entries.iter().any(|e| e["cidr"] == "198.51.100.0/24"
         && e["description"] == "office, berlin"
-        && e["added_by"] == "ci-bot"));
+        && e["added_by"] == "admin/ci-bot"));
 
     // Errors exit non-zero with the server's message.
     let missing = cli(&server, dir.path(), &["keys", "get", "key_doesnotexist"]);

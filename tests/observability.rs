@@ -14,7 +14,7 @@ use keyfence::grpc::pb::{self, DenyReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn access_logs(
-    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    admin: &mut Admin,
     key_id: &str,
     blocked_only: bool,
 ) -> Vec<pb::AccessLogEntry> {
@@ -33,7 +33,7 @@ async fn access_logs(
 
 /// Polls until `check` passes on the key's log, or panics after 10 s.
 async fn wait_for_log(
-    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    admin: &mut Admin,
     key_id: &str,
     blocked_only: bool,
     check: impl Fn(&[pb::AccessLogEntry]) -> bool,
@@ -546,16 +546,7 @@ async fn otlp_exports_only_when_configured_and_never_secrets() {
         ],
         &fast_export,
     );
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        Server::channel(server.admin_addr).await,
-        |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert(
-                "authorization",
-                "Bearer an-admin-token-1234".parse().unwrap(),
-            );
-            Ok(r)
-        },
-    );
+    let mut admin = server.admin().await;
     let created = admin
         .create_key(hmac_key_request("traced", &["203.0.113.0/24"]))
         .await

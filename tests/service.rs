@@ -557,7 +557,8 @@ async fn add_replace_remove_and_list() {
         .iter()
         .find(|e| e.cidr == "198.51.100.0/24")
         .unwrap();
-    assert_eq!(entry_by_alice.added_by, "alice");
+    // The authenticated principal first; the caller's actor header only adds detail.
+    assert_eq!(entry_by_alice.added_by, "admin/alice");
     assert_eq!(entry_by_alice.description, "test entry 198.51.100.0/24");
     assert!(entry_by_alice.added_at.is_some());
     assert_eq!(
@@ -1056,7 +1057,7 @@ async fn report_only_allows_and_reports() {
 #[tokio::test]
 async fn admin_token_is_enforced() {
     let server = Server::start(&["--admin-token", "a-very-long-admin-token"]);
-    let mut admin = server.admin().await;
+    let mut admin = server.admin_unauthenticated().await;
     let status = admin
         .list_keys(pb::ListKeysRequest::default())
         .await
@@ -1079,7 +1080,7 @@ async fn admin_token_is_enforced() {
 }
 
 #[tokio::test]
-async fn admin_on_a_public_address_needs_a_token() {
+async fn admin_on_a_public_address_needs_tls() {
     let output = std::process::Command::new(BIN)
         .args([
             "serve",
@@ -1095,7 +1096,7 @@ async fn admin_on_a_public_address_needs_a_token() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "admin_token: is required because the admin listener 0.0.0.0:0 is not on loopback"
+            "admin_listen: 0.0.0.0:0 is not on loopback, so the admin plane needs TLS: give admin_tls_cert and admin_tls_key"
         ),
         "{stderr}"
     );

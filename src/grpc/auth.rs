@@ -1,68 +1,108 @@
-//! Admin authentication: `authorization: Bearer <token>` compared in constant time, and the
-//! [`Principal`] the admin layer records in audit fields.
+//! Admin authentication at the gRPC edge: reads the caller's bearer token and, on an mTLS
+//! listener, its verified client certificate, asks [`AdminCredentials`] for the principal, and
+//! hands the admin layer that principal (with the caller's `x-keyfence-actor` detail after it).
+//! Every Admin RPC passes through [`AdminAuth`]: there is no unauthenticated path.
+
+use std::sync::Arc;
 
 use keyfence_admin::Principal;
-use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
 
-/// The actor recorded when the caller does not name itself.
-pub const DEFAULT_ACTOR: &str = "admin";
+use super::tls::certificate_identity;
+use crate::authn::{AdminCredentials, Refusal, with_actor_detail};
+
 pub const ACTOR_HEADER: &str = "x-keyfence-actor";
 
-/// Rejects admin calls without the configured bearer token. With no token configured (allowed
-/// only on a loopback listener, checked at start) every call passes.
+/// The authenticated caller, put in the request's extensions by [`AdminAuth`].
+#[derive(Clone)]
+struct Authenticated(Principal);
+
+/// Refuses admin calls without valid credentials; records who called.
 #[derive(Clone)]
 pub struct AdminAuth {
-    token: Option<std::sync::Arc<str>>,
+    credentials: Arc<AdminCredentials>,
 }
 
 impl AdminAuth {
-    pub fn new(token: Option<String>) -> AdminAuth {
+    pub fn new(credentials: AdminCredentials) -> AdminAuth {
         AdminAuth {
-            token: token.map(Into::into),
+            credentials: Arc::new(credentials),
         }
+    }
+}
+
+fn refused(refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::BadActor(_) => Status::invalid_argument(refusal.to_string()),
+        Refusal::Missing | Refusal::InvalidToken => Status::unauthenticated(refusal.to_string()),
     }
 }
 
 impl Interceptor for AdminAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.token else {
-            return Ok(request);
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let bearer = match request.metadata().get("authorization") {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| refused(Refusal::InvalidToken))?,
+            ),
         };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing bearer token"))?;
-        if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("invalid bearer token"))
-        }
+        let identity = request
+            .peer_certs()
+            .and_then(|chain| chain.first().and_then(|cert| certificate_identity(cert)));
+        let principal = self
+            .credentials
+            .authenticate(bearer, identity.as_deref())
+            .map_err(refused)?;
+        request.extensions_mut().insert(Authenticated(principal));
+        Ok(request)
     }
 }
 
-/// The caller, for the admin layer: today the name it gives in `x-keyfence-actor` (printable, at
-/// most 128 characters), or [`DEFAULT_ACTOR`].
+/// The caller, for the admin layer: the authenticated principal, with the `x-keyfence-actor`
+/// detail after it (`ops/alice`).
 pub fn principal<T>(request: &Request<T>) -> Result<Principal, Status> {
-    let Some(value) = request.metadata().get(ACTOR_HEADER) else {
-        return Ok(Principal::new(DEFAULT_ACTOR));
+    let Authenticated(principal) = request
+        .extensions()
+        .get::<Authenticated>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("not authenticated"))?;
+    let actor = match request.metadata().get(ACTOR_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| refused(Refusal::BadActor("must be printable ASCII".into())))?,
+        ),
     };
-    let text = value.to_str().map_err(|_| {
-        Status::invalid_argument(format!("{ACTOR_HEADER}: must be printable ASCII"))
-    })?;
-    if text.is_empty() || text.len() > 128 {
-        return Err(Status::invalid_argument(format!(
-            "{ACTOR_HEADER}: must be 1 to 128 characters"
-        )));
-    }
-    Ok(Principal::new(text))
+    with_actor_detail(principal, actor).map_err(refused)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        authn::{CredentialSettings, DEFAULT_TOKEN_NAME},
+        system::OsRandom,
+    };
+
+    fn auth() -> AdminAuth {
+        let dir = tempfile::tempdir().unwrap();
+        let (credentials, _) = AdminCredentials::load(
+            CredentialSettings {
+                tokens_file: None,
+                token: Some("s3cret-admin-token"),
+                data_dir: dir.path(),
+                accept_client_certificates: false,
+            },
+            &OsRandom,
+        )
+        .unwrap();
+        AdminAuth::new(credentials)
+    }
 
     fn with_auth(value: Option<&str>) -> Request<()> {
         let mut request = Request::new(());
@@ -75,30 +115,37 @@ mod tests {
     }
 
     #[test]
-    fn token_is_required_when_configured() {
-        let mut auth = AdminAuth::new(Some("s3cret".into()));
-        assert!(auth.call(with_auth(Some("Bearer s3cret"))).is_ok());
+    fn a_valid_token_is_required() {
+        let mut auth = auth();
+        let request = auth
+            .call(with_auth(Some("Bearer s3cret-admin-token")))
+            .unwrap();
+        assert_eq!(principal(&request).unwrap().name(), DEFAULT_TOKEN_NAME);
         for bad in [
             None,
             Some("Bearer wrong"),
-            Some("s3cret"),
-            Some("Bearer s3cret2"),
-            Some("Basic s3cret"),
+            Some("s3cret-admin-token"),
+            Some("Bearer s3cret-admin-token2"),
+            Some("Basic s3cret-admin-token"),
         ] {
             let status = auth.call(with_auth(bad)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
-        let mut open = AdminAuth::new(None);
-        assert!(open.call(with_auth(None)).is_ok());
     }
 
     #[test]
-    fn actor_defaults_and_validates() {
-        assert_eq!(principal(&Request::new(())).unwrap().name(), DEFAULT_ACTOR);
-        let mut request = Request::new(());
+    fn the_actor_header_adds_detail_to_the_principal() {
+        let mut auth = auth();
+        let mut request = with_auth(Some("Bearer s3cret-admin-token"));
         request
             .metadata_mut()
             .insert(ACTOR_HEADER, "alice@ops".parse().unwrap());
-        assert_eq!(principal(&request).unwrap().name(), "alice@ops");
+        let request = auth.call(request).unwrap();
+        assert_eq!(principal(&request).unwrap().name(), "admin/alice@ops");
+        // Without the interceptor there is no principal at all.
+        assert_eq!(
+            principal(&Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

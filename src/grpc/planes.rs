@@ -1,14 +1,17 @@
-//! The two listeners' gRPC routers, their health and reflection, and serving them. `server` wires
-//! the parts and hands over listeners; the generated server types are named only here.
+//! The two listeners' gRPC routers, their health and reflection, and serving them (plaintext or
+//! TLS). `server` wires the parts and hands over listeners; the generated server types are named
+//! only here.
 
 use std::sync::Arc;
 
 use keyfence_admin::Admin;
+use keyfence_policy::ip::{Cidr, ClientIp};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{
+    Request, Status,
     server::NamedService,
-    service::interceptor::InterceptedService,
+    service::{Interceptor, interceptor::InterceptedService},
     transport::{Server, server::Router},
 };
 use tonic_health::{
@@ -23,6 +26,7 @@ use super::{
     authorizer::AuthorizerService,
     ext_authz::{AuthorizationServer, ExtAuthzService, ExtAuthzSettings},
     pb::{self, admin_server::AdminServer, authorizer_server::AuthorizerServer},
+    tls::ReloadingTls,
 };
 use crate::authz::Decider;
 
@@ -93,19 +97,57 @@ fn common(health: &PlaneHealth) -> Result<Router, GrpcError> {
         .add_service(reflection()?))
 }
 
-/// Authorize, Envoy's Check, health and reflection.
+/// Which source addresses may ask for decisions at all (`--data-allowed-callers`); empty allows
+/// every caller. Anyone else gets PERMISSION_DENIED before any key is looked up. A caller whose
+/// address the transport cannot tell is refused too.
+#[derive(Clone)]
+pub struct AllowedCallers {
+    networks: Arc<[Cidr]>,
+}
+
+impl AllowedCallers {
+    pub fn new(networks: Vec<Cidr>) -> AllowedCallers {
+        AllowedCallers {
+            networks: networks.into(),
+        }
+    }
+}
+
+impl Interceptor for AllowedCallers {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if self.networks.is_empty() {
+            return Ok(request);
+        }
+        let caller = request.remote_addr().map(|addr| ClientIp::from(addr.ip()));
+        match caller {
+            Some(ip) if self.networks.iter().any(|network| network.contains(ip)) => Ok(request),
+            Some(ip) => {
+                tracing::warn!(caller = %ip, "decision request from a caller not in data_allowed_callers");
+                Err(Status::permission_denied(
+                    "this address may not call the data plane",
+                ))
+            }
+            None => Err(Status::permission_denied("the caller's address is unknown")),
+        }
+    }
+}
+
+/// Authorize, Envoy's Check (both for the allowed callers only), health and reflection.
 pub fn data_plane(
     decider: Arc<Decider>,
     ext_authz: ExtAuthzSettings,
+    callers: AllowedCallers,
     health: &PlaneHealth,
 ) -> Result<Router, GrpcError> {
     Ok(common(health)?
-        .add_service(AuthorizerServer::new(AuthorizerService::new(
-            decider.clone(),
+        .add_service(InterceptedService::new(
+            AuthorizerServer::new(AuthorizerService::new(decider.clone())),
+            callers.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            AuthorizationServer::new(ExtAuthzService::new(decider, ext_authz)),
+            callers,
         )))
-        .add_service(AuthorizationServer::new(ExtAuthzService::new(
-            decider, ext_authz,
-        ))))
 }
 
 /// Admin (behind its authentication), health and reflection.
@@ -122,13 +164,30 @@ pub fn admin_plane(
     )))
 }
 
+/// How a listener speaks.
+pub enum Transport {
+    Plaintext,
+    Tls(Arc<ReloadingTls>),
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
+    transport: Transport,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GrpcError> {
-    Ok(router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?)
+    match transport {
+        Transport::Plaintext => {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await?
+        }
+        Transport::Tls(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await?
+        }
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod pki;
 pub mod redis;
 
 use std::{
@@ -17,9 +18,32 @@ use std::{
 };
 
 use keyfence::grpc::pb::{self, admin_client::AdminClient, authorizer_client::AuthorizerClient};
-use tonic::transport::Channel;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keyfence");
+
+/// Presents the server's admin token on every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// An Admin client that authenticates as the server's `admin` token.
+pub type Admin = AdminClient<InterceptedService<Channel, Bearer>>;
 
 pub struct Server {
     child: Child,
@@ -28,6 +52,9 @@ pub struct Server {
     /// Set when started with `--metrics-listen`.
     pub metrics_addr: Option<SocketAddr>,
     pub data_dir: PathBuf,
+    /// The admin token the server accepts: `--admin-token` when given, else the one it wrote to
+    /// its data directory.
+    pub admin_token: String,
     /// Keeps the temporary directory alive when the server made it.
     _temp: Option<tempfile::TempDir>,
 }
@@ -64,6 +91,7 @@ impl Server {
             .arg(data_dir.join("data"))
             .args(extra_args)
             .env_remove("KEYFENCE_ADMIN_TOKEN")
+            .env_remove("KEYFENCE_ADMIN_TOKENS_FILE")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -98,12 +126,19 @@ impl Server {
         };
         let addr =
             |name: &str| find(name).unwrap_or_else(|| panic!("no {name} address in {ready:?}"));
+        let admin_token = match extra_args.iter().position(|a| *a == "--admin-token") {
+            Some(at) => extra_args[at + 1].to_owned(),
+            None => std::fs::read_to_string(data_dir.join("data").join("admin.token"))
+                .map(|t| t.trim().to_owned())
+                .unwrap_or_default(),
+        };
         Server {
             data_addr: addr("data"),
             admin_addr: addr("admin"),
             metrics_addr: find("metrics"),
             child,
             data_dir: data_dir.to_owned(),
+            admin_token,
             _temp: None,
         }
     }
@@ -116,10 +151,26 @@ impl Server {
             .expect("connect")
     }
 
-    pub async fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(Self::channel(self.admin_addr).await)
+    /// An Admin client presenting the server's admin token.
+    pub async fn admin(&self) -> Admin {
+        let bearer = Bearer(
+            format!("Bearer {}", self.admin_token)
+                .parse()
+                .expect("printable token"),
+        );
+        AdminClient::with_interceptor(Self::channel(self.admin_addr).await, bearer)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
+    }
+
+    /// An Admin client with no credentials at all.
+    pub async fn admin_unauthenticated(&self) -> AdminClient<Channel> {
+        AdminClient::new(Self::channel(self.admin_addr).await)
+    }
+
+    /// The file the server wrote its generated admin token to.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.data_dir.join("data").join("admin.token")
     }
 
     pub async fn authorizer(&self) -> AuthorizerClient<Channel> {
@@ -193,7 +244,7 @@ pub fn partner_scope(partner: &str, environment: &str) -> Option<pb::AllowlistSc
 
 /// A key with an IP allowlist of `cidrs`; returns (id, secret, signing secret).
 pub async fn create_key(
-    admin: &mut AdminClient<Channel>,
+    admin: &mut Admin,
     partner: &str,
     environment: &str,
     cidrs: &[&str],
