@@ -1,6 +1,7 @@
-//! keyfence behind a real Envoy (`deploy/envoy/envoy.yaml`, ports swapped): what reaches the
-//! upstream on an allow, what the client sees on each kind of denial, failing closed when keyfence
-//! is gone, and client addresses that headers cannot forge. Clients send from chosen loopback
+//! keyfence behind a real Envoy (`deploy/envoy/envoy.yaml`, ports swapped, and the mTLS bootstrap
+//! `deploy/envoy/envoy-mtls.yaml`): what reaches the upstream on an allow, what the client sees on
+//! each kind of denial, failing closed when keyfence is gone or refuses Envoy's certificate, and
+//! client addresses that headers cannot forge. Clients send from chosen loopback
 //! addresses (127.0.0.1, .2, .3, .4), so the source address Envoy reports is the one under test.
 
 mod common;
@@ -22,6 +23,17 @@ struct Stack {
     keyfence: Server,
     upstream: Upstream,
     envoy: Envoy,
+    /// The certificates of an mTLS stack.
+    _pki: Option<tempfile::TempDir>,
+}
+
+/// Which hop Envoy's certificate comes from in an mTLS stack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EnvoyIdentity {
+    /// Issued by the CA keyfence trusts for clients.
+    Trusted,
+    /// Issued by a CA keyfence has never heard of.
+    Stranger,
 }
 
 impl Stack {
@@ -33,6 +45,48 @@ impl Stack {
             keyfence,
             upstream,
             envoy,
+            _pki: None,
+        }
+    }
+
+    /// The same stack on `deploy/envoy/envoy-mtls.yaml`: keyfence requires a client certificate
+    /// from its client CA on the data plane, and Envoy presents `identity`'s.
+    async fn start_mtls(identity: EnvoyIdentity) -> Stack {
+        let pki = tempfile::tempdir().unwrap();
+        let dir = pki.path();
+        let server_ca = common::pki::Ca::new(dir, "keyfence-ca");
+        let client_ca = common::pki::Ca::new(dir, "envoy-ca");
+        let stranger_ca = common::pki::Ca::new(dir, "stranger-ca");
+        let server_pair = server_ca.server(dir, "keyfence", "keyfence");
+        let envoy_pair = match identity {
+            EnvoyIdentity::Trusted => client_ca.client(dir, "envoy", "envoy"),
+            EnvoyIdentity::Stranger => stranger_ca.client(dir, "envoy", "envoy"),
+        };
+        let keyfence = Server::start(&[
+            "--tls-cert",
+            server_pair.cert.to_str().unwrap(),
+            "--tls-key",
+            server_pair.key.to_str().unwrap(),
+            "--tls-client-ca",
+            client_ca.cert.to_str().unwrap(),
+        ]);
+        let upstream = Upstream::start().await;
+        let config = deploy_mtls_config(
+            keyfence.data_addr,
+            upstream.addr,
+            &EnvoyTls {
+                client_cert: &envoy_pair.cert,
+                client_key: &envoy_pair.key,
+                keyfence_ca: &server_ca.cert,
+                keyfence_name: "localhost",
+            },
+        );
+        let envoy = Envoy::start(&config).await;
+        Stack {
+            keyfence,
+            upstream,
+            envoy,
+            _pki: Some(pki),
         }
     }
 
@@ -101,7 +155,43 @@ fn error_code(response: &Response) -> String {
 
 #[tokio::test]
 async fn a_good_key_reaches_the_upstream_named_and_without_its_credentials() {
-    let stack = Stack::start(&[]).await;
+    good_key_reaches_the_upstream(Stack::start(&[]).await).await;
+}
+
+#[tokio::test]
+async fn over_mtls_a_good_key_reaches_the_upstream_and_a_bad_ip_gets_the_opaque_401() {
+    let stack = Stack::start_mtls(EnvoyIdentity::Trusted).await;
+    let key = stack.key().await;
+    let denied = stack
+        .send(
+            OTHER,
+            &Request::get("/v1/orders").header("x-api-key", &key.secret),
+        )
+        .await;
+    assert_opaque_401(&denied, "a listed key from an unlisted address, over mTLS");
+    good_key_reaches_the_upstream(stack).await;
+}
+
+#[tokio::test]
+async fn over_mtls_an_envoy_keyfence_does_not_trust_is_refused_and_nothing_passes() {
+    let stack = Stack::start_mtls(EnvoyIdentity::Stranger).await;
+    let key = stack.key().await;
+    let response = stack
+        .send(
+            ALLOWED,
+            &Request::get("/v1/orders").header("x-api-key", &key.secret),
+        )
+        .await;
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert!(stack.upstream.received().is_empty());
+    assert!(
+        stack.keyfence.log().contains("tls handshake refused"),
+        "{}",
+        stack.keyfence.log()
+    );
+}
+
+async fn good_key_reaches_the_upstream(stack: Stack) {
     let key = stack.key().await;
 
     let response = stack

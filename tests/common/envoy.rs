@@ -26,8 +26,58 @@ pub fn envoy_binary() -> PathBuf {
 
 /// The bootstrap users deploy, with its ports swapped for the test's.
 pub fn deploy_config(keyfence: SocketAddr, upstream: SocketAddr) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml");
-    let text = std::fs::read_to_string(&path).expect("read deploy/envoy/envoy.yaml");
+    with_ports("envoy.yaml", keyfence, upstream)
+}
+
+/// Envoy's client certificate and the CA it checks keyfence's certificate with.
+pub struct EnvoyTls<'a> {
+    pub client_cert: &'a std::path::Path,
+    pub client_key: &'a std::path::Path,
+    pub keyfence_ca: &'a std::path::Path,
+    /// The DNS name keyfence's certificate carries.
+    pub keyfence_name: &'a str,
+}
+
+/// The mTLS bootstrap users deploy, with its ports, files and server name swapped for the test's.
+pub fn deploy_mtls_config(
+    keyfence: SocketAddr,
+    upstream: SocketAddr,
+    tls: &EnvoyTls<'_>,
+) -> String {
+    let text = with_ports("envoy-mtls.yaml", keyfence, upstream);
+    let text = replace_once(
+        &text,
+        "/etc/envoy/tls/envoy-client.crt",
+        &tls.client_cert.display().to_string(),
+    );
+    let text = replace_once(
+        &text,
+        "/etc/envoy/tls/envoy-client.key",
+        &tls.client_key.display().to_string(),
+    );
+    let text = replace_once(
+        &text,
+        "/etc/envoy/tls/keyfence-ca.crt",
+        &tls.keyfence_ca.display().to_string(),
+    );
+    let text = replace_once(
+        &text,
+        "sni: keyfence.internal",
+        &format!("sni: {}", tls.keyfence_name),
+    );
+    replace_once(
+        &text,
+        "matcher: { exact: keyfence.internal }",
+        &format!("matcher: {{ exact: {} }}", tls.keyfence_name),
+    )
+}
+
+fn with_ports(file: &str, keyfence: SocketAddr, upstream: SocketAddr) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/envoy")
+        .join(file);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let text = replace_once(
         &text,
         "{ address: 127.0.0.1, port_value: 9901 }",
@@ -62,7 +112,7 @@ fn replace_once(text: &str, from: &str, to: &str) -> String {
     assert_eq!(
         text.matches(from).count(),
         1,
-        "deploy/envoy/envoy.yaml must contain {from:?} exactly once"
+        "the deploy/envoy bootstrap must contain {from:?} exactly once"
     );
     text.replacen(from, to, 1)
 }
