@@ -30,7 +30,7 @@ use criterion::{
 };
 use ed25519_dalek::{Signer, SigningKey};
 use keyfence::{
-    authz::{Decider, DeciderParts, Nonces, Origin},
+    authz::{Decider, DeciderParts, Limits, Nonces, Origin},
     sync::PolicySync,
     telemetry::metrics::Metrics,
 };
@@ -355,6 +355,10 @@ fn decider(snapshot: &PolicySnapshot) -> BenchDecider {
         nonces: Nonces::Local(NonceLedger::default()),
         min_revision_wait: Duration::from_secs(2),
         max_staleness: None,
+        limits: Limits {
+            max_inflight: 1024,
+            decision_timeout: Duration::from_secs(3),
+        },
         metrics: std::sync::Arc::new(Metrics::new(None)),
         access: None,
     });

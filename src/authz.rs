@@ -42,6 +42,18 @@ pub enum AuthzError {
     Stale { unconfirmed_ms: u64, max_ms: u64 },
     #[error("nonce store unavailable: {0}")]
     NonceStoreUnavailable(String),
+    /// More decisions in progress than `max_inflight`: refused at once, never queued.
+    #[error("overloaded: {max} decisions already in progress")]
+    Overloaded { max: usize },
+    #[error("no decision within {timeout_ms} ms")]
+    DeadlineExceeded { timeout_ms: u64 },
+}
+
+/// Bounds on the work in progress: how many decisions at once, and how long each may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_inflight: usize,
+    pub decision_timeout: Duration,
 }
 
 /// Where nonces are remembered.
@@ -66,6 +78,9 @@ pub struct Decider {
     min_revision_wait: Duration,
     /// Stop answering when the snapshot has not been confirmed for this long.
     max_staleness: Option<Duration>,
+    /// Permits for decisions in progress (`Limits::max_inflight`).
+    inflight: tokio::sync::Semaphore,
+    limits: Limits,
     metrics: Arc<Metrics>,
     /// `None` when access logging is switched off.
     access: Option<AccessRecorder>,
@@ -79,6 +94,7 @@ pub struct DeciderParts {
     pub nonces: Nonces,
     pub min_revision_wait: Duration,
     pub max_staleness: Option<Duration>,
+    pub limits: Limits,
     pub metrics: Arc<Metrics>,
     pub access: Option<AccessRecorder>,
 }
@@ -92,6 +108,7 @@ impl Decider {
             nonces,
             min_revision_wait,
             max_staleness,
+            limits,
             metrics,
             access,
         } = parts;
@@ -102,6 +119,8 @@ impl Decider {
             nonces,
             min_revision_wait,
             max_staleness,
+            inflight: tokio::sync::Semaphore::new(limits.max_inflight),
+            limits,
             metrics,
             access,
         }
@@ -124,7 +143,20 @@ impl Decider {
         origin: Origin<'_>,
     ) -> Result<Decision, AuthzError> {
         let started = std::time::Instant::now();
-        let (decision, now) = self.decide_unobserved(request, min_revision, mode).await?;
+        let Ok(_permit) = self.inflight.try_acquire() else {
+            self.metrics.decisions_shed.inc();
+            return Err(AuthzError::Overloaded {
+                max: self.limits.max_inflight,
+            });
+        };
+        let (decision, now) = tokio::time::timeout(
+            self.limits.decision_timeout,
+            self.decide_unobserved(request, min_revision, mode),
+        )
+        .await
+        .map_err(|_| AuthzError::DeadlineExceeded {
+            timeout_ms: self.limits.decision_timeout.as_millis() as u64,
+        })??;
         if mode == Mode::Enforce {
             self.metrics
                 .record_decision(origin.frontend, &decision, started.elapsed());

@@ -92,6 +92,18 @@ pub struct ServeArgs {
     /// milliseconds. Default 2000.
     #[arg(long, env = "KEYFENCE_MIN_REVISION_WAIT_MS")]
     pub min_revision_wait_ms: Option<u64>,
+    /// How long in-flight calls may take to finish after SIGTERM or SIGINT (a duration: 10s,
+    /// 1m). Default 10s.
+    #[arg(long, env = "KEYFENCE_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<String>,
+    /// Decisions (Authorize, Check, CheckAccess) in progress at once; beyond it Authorize answers
+    /// RESOURCE_EXHAUSTED and Check denies (503) at once, never queueing. Default 1024.
+    #[arg(long, env = "KEYFENCE_MAX_INFLIGHT")]
+    pub max_inflight: Option<usize>,
+    /// The longest a decision may take, in milliseconds; a slower one answers DEADLINE_EXCEEDED
+    /// (Check: a 503 denial). Must exceed min_revision_wait_ms. Default 3000.
+    #[arg(long, env = "KEYFENCE_DECISION_TIMEOUT_MS")]
+    pub decision_timeout_ms: Option<u64>,
     /// Log format: `pretty` or `json`. Default pretty.
     #[arg(long, env = "KEYFENCE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -214,6 +226,9 @@ pub struct Config {
     pub environments: Environments,
     pub signature_window: Duration,
     pub min_revision_wait: Duration,
+    pub shutdown_grace: Duration,
+    pub max_inflight: usize,
+    pub decision_timeout: Duration,
     pub log_format: LogFormat,
     /// Proxies whose forwarding headers Envoy's Check believes; empty trusts none.
     pub trusted_proxies: Vec<Cidr>,
@@ -278,6 +293,9 @@ impl Config {
             environments,
             signature_window_secs,
             min_revision_wait_ms,
+            shutdown_grace,
+            max_inflight,
+            decision_timeout_ms,
             log_format,
             trusted_proxies,
             trust_x_real_ip,
@@ -326,6 +344,17 @@ impl Config {
             environments: parse_environments(&environment_names)?,
             signature_window: Duration::from_secs(u64::from(signature_window_secs.unwrap_or(300))),
             min_revision_wait: Duration::from_millis(min_revision_wait_ms.unwrap_or(2000)),
+            shutdown_grace: match shutdown_grace {
+                Some(text) => {
+                    humantime::parse_duration(&text).map_err(|e| ConfigError::Invalid {
+                        setting: "shutdown_grace",
+                        reason: format!("{text:?} is not a duration like 10s or 1m: {e}"),
+                    })?
+                }
+                None => Duration::from_secs(10),
+            },
+            max_inflight: max_inflight.unwrap_or(1024),
+            decision_timeout: Duration::from_millis(decision_timeout_ms.unwrap_or(3000)),
             log_format: log_format.unwrap_or(LogFormat::Pretty),
             trusted_proxies: parse_cidrs("trusted_proxies", &trusted_proxies.unwrap_or_default())?,
             trust_x_real_ip: trust_x_real_ip.unwrap_or(false),
@@ -387,6 +416,17 @@ impl Config {
                     ),
                 })
             }
+            _ if self.max_inflight == 0 => Err(ConfigError::Invalid {
+                setting: "max_inflight",
+                reason: "must be at least 1".into(),
+            }),
+            _ if self.decision_timeout <= self.min_revision_wait => Err(ConfigError::Invalid {
+                setting: "decision_timeout_ms",
+                reason: format!(
+                    "must be longer than min_revision_wait_ms ({} ms), or every wait would time out",
+                    self.min_revision_wait.as_millis()
+                ),
+            }),
             _ if self.signature_window.is_zero() => Err(ConfigError::Invalid {
                 setting: "signature_window_secs",
                 reason: "must be at least 1".into(),
@@ -484,6 +524,9 @@ impl fmt::Debug for Config {
             .field("environments", &self.environments.names())
             .field("signature_window_secs", &self.signature_window.as_secs())
             .field("min_revision_wait_ms", &self.min_revision_wait.as_millis())
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_inflight", &self.max_inflight)
+            .field("decision_timeout_ms", &self.decision_timeout.as_millis())
             .field("log_format", &self.log_format)
             .field(
                 "trusted_proxies",

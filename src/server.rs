@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     access::{self, AccessLogConfig, AccessRecorder},
     authn::{AdminCredentials, AuthnError, CredentialSettings, TokenSource},
-    authz::{Decider, DeciderParts, Nonces},
+    authz::{Decider, DeciderParts, Limits, Nonces},
     config::Config,
     grpc::{
         auth::AdminAuth,
@@ -111,18 +111,23 @@ fn backends(config: &Config) -> Result<Backends, ServerError> {
     })
 }
 
-/// One shutdown signal, handed to every task as a future of its own.
+/// A one-time signal, handed to every task that waits for it as a future of its own.
 #[derive(Clone)]
 struct Stop(watch::Receiver<bool>);
 
 impl Stop {
+    fn new() -> (watch::Sender<bool>, Stop) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Stop(rx))
+    }
+
     fn after(shutdown: impl Future<Output = ()> + Send + 'static) -> Stop {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (tx, stop) = Stop::new();
         tokio::spawn(async move {
             shutdown.await;
-            let _ = stop_tx.send(true);
+            let _ = tx.send(true);
         });
-        Stop(stop_rx)
+        stop
     }
 
     fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
@@ -131,6 +136,12 @@ impl Stop {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     }
+}
+
+/// How long health reports NOT_SERVING before the listeners stop accepting, so that balancers
+/// and Envoy's health checks move traffic away first: a quarter of the grace, at most 2 s.
+fn drain_period(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(2))
 }
 
 /// Loads the policy once. The embedded store is local, so failing to read it is fatal; Redis may
@@ -187,16 +198,28 @@ fn ext_authz_settings(config: &Config) -> ExtAuthzSettings {
 
 /// NOT_SERVING until the policy has loaded once; from then on SERVING, even while the store is
 /// unreachable, because decisions come from the last snapshot.
-async fn report_health(health: &PlaneHealth, sync: &Arc<PolicySync>) {
+async fn report_health(
+    planes: [&PlaneHealth; 2],
+    sync: &Arc<PolicySync>,
+    ready: watch::Sender<bool>,
+) {
+    let planes = planes.map(PlaneHealth::clone);
+    let set = |planes: [PlaneHealth; 2], serving: bool| async move {
+        for health in &planes {
+            health.set_serving(serving).await;
+        }
+    };
     if sync.policy().load().is_loaded() {
-        health.set_serving(true).await;
+        set(planes, true).await;
+        let _ = ready.send(true);
         return;
     }
-    health.set_serving(false).await;
-    let (health, sync) = (health.clone(), sync.clone());
+    set(planes.clone(), false).await;
+    let sync = sync.clone();
     tokio::spawn(async move {
         sync.wait_until_loaded().await;
-        health.set_serving(true).await;
+        set(planes, true).await;
+        let _ = ready.send(true);
     });
 }
 
@@ -265,9 +288,15 @@ pub async fn run(
     let sync = PolicySync::new(store.clone(), Arc::new(SharedPolicy::default()));
     first_load(&sync, &config).await?;
 
-    let stop = Stop::after(shutdown);
-    let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, stop.stopped()));
-    let (recorder, access_task) = start_access_log(&config, access_log.clone(), &metrics, &stop);
+    // Shutdown, in order: `requested` (SIGTERM) turns health NOT_SERVING; after the drain period
+    // `closing` stops the listeners, whose calls in progress get `shutdown_grace` to finish; then
+    // `finished` lets the background writers flush and stop.
+    let requested = Stop::after(shutdown);
+    let (close, closing) = Stop::new();
+    let (finish, finished) = Stop::new();
+    let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, finished.stopped()));
+    let (recorder, access_task) =
+        start_access_log(&config, access_log.clone(), &metrics, &finished);
 
     let decider = Arc::new(Decider::new(DeciderParts {
         engine: Engine {
@@ -278,6 +307,10 @@ pub async fn run(
         nonces,
         min_revision_wait: config.min_revision_wait,
         max_staleness: config.max_staleness,
+        limits: Limits {
+            max_inflight: config.max_inflight,
+            decision_timeout: config.decision_timeout,
+        },
         metrics: metrics.clone(),
         access: recorder,
     }));
@@ -291,8 +324,22 @@ pub async fn run(
         visibility_wait: WRITE_VISIBILITY_WAIT,
     }));
 
-    let health = PlaneHealth::default();
-    report_health(&health, &sync).await;
+    let (data_health, admin_health) = (PlaneHealth::data(), PlaneHealth::admin());
+    let (ready_tx, readiness) = watch::channel(false);
+    report_health([&data_health, &admin_health], &sync, ready_tx.clone()).await;
+    tokio::spawn({
+        let (data_health, admin_health) = (data_health.clone(), admin_health.clone());
+        let (requested, drain) = (requested.stopped(), drain_period(config.shutdown_grace));
+        async move {
+            requested.await;
+            tracing::info!(drain = ?drain, "shutting down: NOT_SERVING, then closing the listeners");
+            let _ = ready_tx.send(false);
+            data_health.set_serving(false).await;
+            admin_health.set_serving(false).await;
+            tokio::time::sleep(drain).await;
+            let _ = close.send(true);
+        }
+    });
     let data_addr = local_addr(&listeners.data, config.listen)?;
     let admin_addr = local_addr(&listeners.admin, config.admin_listen)?;
     let data_plane = planes::serve(
@@ -300,17 +347,17 @@ pub async fn run(
             decider,
             ext_authz_settings(&config),
             AllowedCallers::new(config.data_allowed_callers.clone()),
-            &health,
+            &data_health,
         )?,
         listeners.data,
-        transport("data", &config.data_tls, &stop)?,
-        stop.stopped(),
+        transport("data", &config.data_tls, &finished)?,
+        closing.stopped(),
     );
     let admin_plane = planes::serve(
-        planes::admin_plane(admin, AdminAuth::new(credentials), &health)?,
+        planes::admin_plane(admin, AdminAuth::new(credentials), &admin_health)?,
         listeners.admin,
-        transport("admin", &config.admin_tls, &stop)?,
-        stop.stopped(),
+        transport("admin", &config.admin_tls, &finished)?,
+        closing.stopped(),
     );
 
     let mut ready = format!("keyfence ready: data={data_addr} admin={admin_addr}");
@@ -325,15 +372,23 @@ pub async fn run(
             listener,
             metrics,
             sync.clone(),
-            stop.stopped(),
+            readiness,
+            finished.stopped(),
         ));
     }
     tracing::info!(data = %data_addr, admin = %admin_addr, "serving");
     // A line for scripts and tests that start the binary on port 0.
     println!("{ready}");
 
-    let result = tokio::try_join!(data_plane, admin_plane);
-    health.set_serving(false).await;
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        result = async { tokio::try_join!(data_plane, admin_plane) } => result.map(|_| ()),
+        () = async { closing.stopped().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace = ?grace, "calls still in progress after shutdown_grace; closing them");
+            Ok(())
+        }
+    };
+    let _ = finish.send(true);
     let _ = sync_task.await;
     if let Some(task) = access_task {
         // The writer drains what is queued before it stops.

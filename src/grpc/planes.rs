@@ -2,7 +2,7 @@
 //! TLS). `server` wires the parts and hands over listeners; the generated server types are named
 //! only here.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use keyfence_admin::Admin;
 use keyfence_policy::ip::{Cidr, ClientIp};
@@ -33,12 +33,22 @@ use crate::authz::Decider;
 /// Admin requests may carry whole allowlists (100,000 entries is a few MiB).
 const ADMIN_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// The services whose health is reported.
-const SERVICES: [&str; 3] = [
+/// What the data plane serves.
+const DATA_SERVICES: [&str; 2] = [
     <AuthorizerServer<AuthorizerService> as NamedService>::NAME,
     <AuthorizationServer<ExtAuthzService> as NamedService>::NAME,
-    <AdminServer<AdminService> as NamedService>::NAME,
 ];
+/// What the admin plane serves.
+const ADMIN_SERVICES: [&str; 1] = [<AdminServer<AdminService> as NamedService>::NAME];
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// HTTP/2 pings on idle connections, so dead peers are noticed and middleboxes keep state.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections are closed (GOAWAY) after this age, with a grace for calls in progress, so that
+/// clients behind an L4 balancer reconnect and spread over new replicas.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrpcError {
@@ -48,53 +58,80 @@ pub enum GrpcError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// `grpc.health.v1.Health`, shared by both listeners.
+/// One listener's `grpc.health.v1.Health`: it reports the services that listener serves, and the
+/// whole server ("").
 #[derive(Clone)]
 pub struct PlaneHealth {
     reporter: HealthReporter,
     service: HealthServer<HealthService>,
-}
-
-impl Default for PlaneHealth {
-    fn default() -> Self {
-        let reporter = HealthReporter::new();
-        let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
-        PlaneHealth { reporter, service }
-    }
+    services: &'static [&'static str],
 }
 
 impl PlaneHealth {
-    /// Reports every service as serving or not.
+    fn new(services: &'static [&'static str]) -> PlaneHealth {
+        let reporter = HealthReporter::new();
+        let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        PlaneHealth {
+            reporter,
+            service,
+            services,
+        }
+    }
+
+    pub fn data() -> PlaneHealth {
+        PlaneHealth::new(&DATA_SERVICES)
+    }
+
+    pub fn admin() -> PlaneHealth {
+        PlaneHealth::new(&ADMIN_SERVICES)
+    }
+
+    /// Reports this listener's services as serving or not.
     pub async fn set_serving(&self, serving: bool) {
         let status = if serving {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        for name in SERVICES {
-            self.reporter.set_service_status(name, status).await;
+        self.reporter.set_service_status("", status).await;
+        for name in self.services {
+            self.reporter.set_service_status(*name, status).await;
         }
     }
 }
 
-fn reflection() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    GrpcError,
-> {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+/// Reflection v1 and v1alpha (grpcurl 1.8 speaks only the latter), listing exactly `services`
+/// and health and reflection themselves. Envoy's service is listed without its descriptors,
+/// which `envoy-types` does not ship.
+fn add_reflection(router: Router, services: &[&str]) -> Result<Router, GrpcError> {
+    let builder = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for service in services {
+            builder = builder.with_service_name(*service);
+        }
+        builder
+    };
+    Ok(router
+        .add_service(builder().build_v1()?)
+        .add_service(builder().build_v1alpha()?))
 }
 
-/// What both listeners serve: a span per RPC, health and reflection.
-fn common(health: &PlaneHealth) -> Result<Router, GrpcError> {
-    Ok(Server::builder()
+/// What both listeners serve: a span per RPC, keepalive and connection ageing, health and
+/// reflection for `services`.
+fn common(health: &PlaneHealth, services: &[&str]) -> Result<Router, GrpcError> {
+    let router = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
         .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-        .add_service(health.service.clone())
-        .add_service(reflection()?))
+        .add_service(health.service.clone());
+    add_reflection(router, services)
 }
 
 /// Which source addresses may ask for decisions at all (`--data-allowed-callers`); empty allows
@@ -139,7 +176,7 @@ pub fn data_plane(
     callers: AllowedCallers,
     health: &PlaneHealth,
 ) -> Result<Router, GrpcError> {
-    Ok(common(health)?
+    Ok(common(health, &DATA_SERVICES)?
         .add_service(InterceptedService::new(
             AuthorizerServer::new(AuthorizerService::new(decider.clone())),
             callers.clone(),
@@ -156,12 +193,14 @@ pub fn admin_plane(
     auth: AdminAuth,
     health: &PlaneHealth,
 ) -> Result<Router, GrpcError> {
-    Ok(common(health)?.add_service(InterceptedService::new(
-        AdminServer::new(AdminService::new(admin))
-            .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
-        auth,
-    )))
+    Ok(
+        common(health, &ADMIN_SERVICES)?.add_service(InterceptedService::new(
+            AdminServer::new(AdminService::new(admin))
+                .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
+            auth,
+        )),
+    )
 }
 
 /// How a listener speaks.

@@ -24,7 +24,14 @@ pub fn invalid(field: impl Display, reason: impl Display) -> Status {
 /// No decision could be made: the caller must not take this as an allow or a deny.
 impl From<AuthzError> for Status {
     fn from(error: AuthzError) -> Status {
-        Status::unavailable(error.to_string())
+        match error {
+            AuthzError::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
+            AuthzError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
+            AuthzError::NotLoaded
+            | AuthzError::RevisionNotReached { .. }
+            | AuthzError::Stale { .. }
+            | AuthzError::NonceStoreUnavailable(_) => Status::unavailable(error.to_string()),
+        }
     }
 }
 

@@ -46,7 +46,15 @@ struct OtelInstruments {
 }
 
 pub struct Metrics {
+    /// The root registry: `keyfence_*` metrics in a prefixed sub-registry, and the standard
+    /// `process_*` metrics at the root.
     registry: Registry,
+    /// Decisions refused because `max_inflight` were already in progress.
+    pub decisions_shed: Counter,
+    process_cpu_seconds: Gauge<f64, AtomicU64>,
+    process_resident_memory_bytes: Gauge,
+    process_open_fds: Gauge,
+    process_max_fds: Gauge,
     decisions: Vec<Counter>,
     decision_seconds: Histogram,
     pub access_log_dropped: Counter,
@@ -93,7 +101,41 @@ fn outcome_labels(frontend: Frontend, outcome: usize) -> Labels {
 
 impl Metrics {
     pub fn new(meter: Option<opentelemetry::metrics::Meter>) -> Metrics {
-        let mut registry = Registry::with_prefix("keyfence");
+        let mut root = Registry::default();
+        let process_cpu_seconds = Gauge::<f64, AtomicU64>::default();
+        root.register(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            process_cpu_seconds.clone(),
+        );
+        let process_resident_memory_bytes = Gauge::default();
+        root.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            process_resident_memory_bytes.clone(),
+        );
+        let process_open_fds = Gauge::default();
+        root.register(
+            "process_open_fds",
+            "Open file descriptors",
+            process_open_fds.clone(),
+        );
+        let process_max_fds = Gauge::default();
+        root.register(
+            "process_max_fds",
+            "The limit on open file descriptors",
+            process_max_fds.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("keyfence");
+        let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        registry.register(
+            "build_info",
+            "The running build: always 1, labelled with the version",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
         let family = Family::<Labels, Counter>::default();
         registry.register(
             "decisions",
@@ -130,38 +172,39 @@ impl Metrics {
             g
         };
         let access_log_dropped = counter(
-            &mut registry,
+            registry,
             "access_log_dropped",
             "Access records dropped because the queue was full",
         );
         let access_log_write_failures = counter(
-            &mut registry,
+            registry,
             "access_log_write_failures",
             "Access records lost because the log store failed",
         );
-        let alerts = counter(&mut registry, "alerts", "Blocked-attempt alerts raised");
+        let alerts = counter(registry, "alerts", "Blocked-attempt alerts raised");
+        let decisions_shed = counter(
+            registry,
+            "decisions_shed",
+            "Decisions refused at once because max_inflight were in progress",
+        );
         let alert_webhook_deliveries = counter(
-            &mut registry,
+            registry,
             "alert_webhook_deliveries",
             "Alerts delivered to the webhook",
         );
         let alert_webhook_failures = counter(
-            &mut registry,
+            registry,
             "alert_webhook_failures",
             "Alerts the webhook never accepted",
         );
-        let snapshot_keys = gauge(
-            &mut registry,
-            "snapshot_keys",
-            "Keys in the policy snapshot",
-        );
+        let snapshot_keys = gauge(registry, "snapshot_keys", "Keys in the policy snapshot");
         let snapshot_entries = gauge(
-            &mut registry,
+            registry,
             "snapshot_entries",
             "Allowlist entries in the policy snapshot",
         );
         let policy_revision = gauge(
-            &mut registry,
+            registry,
             "policy_revision",
             "Store revision of the policy snapshot",
         );
@@ -172,12 +215,12 @@ impl Metrics {
             sync_unconfirmed_seconds.clone(),
         );
         let sync_resyncs = counter(
-            &mut registry,
+            registry,
             "sync_resyncs",
             "Changes found that no notification had announced",
         );
         let sync_full_reloads = counter(
-            &mut registry,
+            registry,
             "sync_full_reloads",
             "Full reloads of the policy (the first load included)",
         );
@@ -192,7 +235,12 @@ impl Metrics {
                 .build(),
         });
         Metrics {
-            registry,
+            registry: root,
+            decisions_shed,
+            process_cpu_seconds,
+            process_resident_memory_bytes,
+            process_open_fds,
+            process_max_fds,
             decisions,
             decision_seconds,
             access_log_dropped,
@@ -251,17 +299,59 @@ impl Metrics {
         let before = self.seen_full_reloads.swap(reloads, Ordering::Relaxed);
         self.sync_full_reloads
             .inc_by(reloads.saturating_sub(before));
+        self.read_process_stats();
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
+
+    /// CPU, memory and file descriptors from /proc (Linux); left as they were elsewhere.
+    fn read_process_stats(&self) {
+        // /proc reports CPU time in USER_HZ ticks, 100 per second on Linux.
+        const TICKS_PER_SECOND: f64 = 100.0;
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                self.process_cpu_seconds
+                    .set((user + system) / TICKS_PER_SECOND);
+            }
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let rss_kib = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok());
+            if let Some(kib) = rss_kib {
+                self.process_resident_memory_bytes.set(kib * 1024);
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            self.process_open_fds.set(entries.count() as i64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            let soft = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<i64>().ok());
+            if let Some(max) = soft {
+                self.process_max_fds.set(max);
+            }
+        }
+    }
 }
 
-/// Serves `GET /metrics` until `shutdown` resolves.
+/// Serves `GET /metrics`, `GET /healthz` (the process answers) and `GET /readyz` (200 while it
+/// serves decisions: the policy has loaded and no shutdown has begun; 503 otherwise) until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     sync: Arc<PolicySync>,
+    ready: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -271,22 +361,28 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let (metrics, sync) = (metrics.clone(), sync.clone());
+        let (metrics, sync, ready) = (metrics.clone(), sync.clone(), ready.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let (metrics, sync) = (metrics.clone(), sync.clone());
+                let (metrics, sync, ready) = (metrics.clone(), sync.clone(), ready.clone());
                 async move {
-                    let response = if request.uri().path() == "/metrics" {
+                    let text = |status: u16, body: &'static [u8]| {
                         Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain; charset=utf-8")
+                            .body(Full::new(Bytes::from_static(body)))
+                    };
+                    let response = match request.uri().path() {
+                        "/metrics" => Response::builder()
                             .header(
                                 "content-type",
                                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                             )
-                            .body(Full::new(Bytes::from(metrics.render(&sync))))
-                    } else {
-                        Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(b"not found\n")))
+                            .body(Full::new(Bytes::from(metrics.render(&sync)))),
+                        "/healthz" => text(200, b"ok\n"),
+                        "/readyz" if *ready.borrow() => text(200, b"ready\n"),
+                        "/readyz" => text(503, b"not ready\n"),
+                        _ => text(404, b"not found\n"),
                     };
                     Ok::<_, std::convert::Infallible>(
                         response.expect("static response parts are valid"),

@@ -204,6 +204,31 @@ impl Server {
         body.to_owned()
     }
 
+    /// Sends SIGTERM, as an orchestrator does, without waiting.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; its exit status.
+    pub async fn wait_for_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for keyfence") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "keyfence did not exit within {limit:?}; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
