@@ -348,13 +348,14 @@ pub async fn run(
             ext_authz_settings(&config),
             AllowedCallers::new(config.data_allowed_callers.clone()),
             &data_health,
+            &metrics,
         )?,
         listeners.data,
         transport("data", &config.data_tls, &finished)?,
         closing.stopped(),
     );
     let admin_plane = planes::serve(
-        planes::admin_plane(admin, AdminAuth::new(credentials), &admin_health)?,
+        planes::admin_plane(admin, AdminAuth::new(credentials), &admin_health, &metrics)?,
         listeners.admin,
         transport("admin", &config.admin_tls, &finished)?,
         closing.stopped(),

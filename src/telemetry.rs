@@ -5,6 +5,7 @@
 //! Invariant: no span or event carries a presented key, a signing secret or an admin token; spans
 //! carry key ids, decisions and reasons.
 
+pub mod grpc_metrics;
 pub mod metrics;
 
 use opentelemetry::trace::TracerProvider as _;

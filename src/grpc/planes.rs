@@ -28,7 +28,13 @@ use super::{
     pb::{self, admin_server::AdminServer, authorizer_server::AuthorizerServer},
     tls::ReloadingTls,
 };
-use crate::authz::Decider;
+use crate::{
+    authz::Decider,
+    telemetry::{grpc_metrics::GrpcMetricsLayer, metrics::Metrics},
+};
+
+/// A listener's router: its services behind the gRPC metrics layer.
+pub type PlaneRouter = Router<tower_layer::Stack<GrpcMetricsLayer, tower_layer::Identity>>;
 
 /// Admin requests may carry whole allowlists (100,000 entries is a few MiB).
 const ADMIN_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -103,7 +109,7 @@ impl PlaneHealth {
 /// Reflection v1 and v1alpha (grpcurl 1.8 speaks only the latter), listing exactly `services`
 /// and health and reflection themselves. Envoy's service is listed without its descriptors,
 /// which `envoy-types` does not ship.
-fn add_reflection(router: Router, services: &[&str]) -> Result<Router, GrpcError> {
+fn add_reflection(router: PlaneRouter, services: &[&str]) -> Result<PlaneRouter, GrpcError> {
     let builder = || {
         let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -123,8 +129,13 @@ fn add_reflection(router: Router, services: &[&str]) -> Result<Router, GrpcError
 
 /// What both listeners serve: a span per RPC, keepalive and connection ageing, health and
 /// reflection for `services`.
-fn common(health: &PlaneHealth, services: &[&str]) -> Result<Router, GrpcError> {
+fn common(
+    health: &PlaneHealth,
+    services: &[&str],
+    metrics: &Metrics,
+) -> Result<PlaneRouter, GrpcError> {
     let router = Server::builder()
+        .layer(GrpcMetricsLayer::new(metrics.grpc.clone()))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_connection_age(MAX_CONNECTION_AGE)
@@ -175,8 +186,9 @@ pub fn data_plane(
     ext_authz: ExtAuthzSettings,
     callers: AllowedCallers,
     health: &PlaneHealth,
-) -> Result<Router, GrpcError> {
-    Ok(common(health, &DATA_SERVICES)?
+    metrics: &Metrics,
+) -> Result<PlaneRouter, GrpcError> {
+    Ok(common(health, &DATA_SERVICES, metrics)?
         .add_service(InterceptedService::new(
             AuthorizerServer::new(AuthorizerService::new(decider.clone())),
             callers.clone(),
@@ -192,9 +204,10 @@ pub fn admin_plane(
     admin: Arc<Admin>,
     auth: AdminAuth,
     health: &PlaneHealth,
-) -> Result<Router, GrpcError> {
+    metrics: &Metrics,
+) -> Result<PlaneRouter, GrpcError> {
     Ok(
-        common(health, &ADMIN_SERVICES)?.add_service(InterceptedService::new(
+        common(health, &ADMIN_SERVICES, metrics)?.add_service(InterceptedService::new(
             AdminServer::new(AdminService::new(admin))
                 .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
@@ -211,7 +224,7 @@ pub enum Transport {
 
 /// Serves `router` on `listener` until `shutdown` resolves.
 pub async fn serve(
-    router: Router,
+    router: PlaneRouter,
     listener: TcpListener,
     transport: Transport,
     shutdown: impl Future<Output = ()>,

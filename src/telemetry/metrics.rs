@@ -51,6 +51,8 @@ pub struct Metrics {
     registry: Registry,
     /// Decisions refused because `max_inflight` were already in progress.
     pub decisions_shed: Counter,
+    /// Calls by method and status, for both listeners' routers.
+    pub grpc: Arc<super::grpc_metrics::GrpcMetrics>,
     process_cpu_seconds: Gauge<f64, AtomicU64>,
     process_resident_memory_bytes: Gauge,
     process_open_fds: Gauge,
@@ -127,6 +129,7 @@ impl Metrics {
             process_max_fds.clone(),
         );
         let registry = root.sub_registry_with_prefix("keyfence");
+        let grpc = Arc::new(super::grpc_metrics::GrpcMetrics::register(registry));
         let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
         registry.register(
             "build_info",
@@ -237,6 +240,7 @@ impl Metrics {
         Metrics {
             registry: root,
             decisions_shed,
+            grpc,
             process_cpu_seconds,
             process_resident_memory_bytes,
             process_open_fds,
