@@ -258,4 +258,8 @@ impl keyfence_admin::Decisions for Decider {
     async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> bool {
         self.sync.wait_for_revision(revision, timeout).await
     }
+
+    fn current_revision(&self) -> u64 {
+        self.sync.policy().load().revision()
+    }
 }

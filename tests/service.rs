@@ -1314,3 +1314,34 @@ async fn secrets_are_never_logged() {
     assert!(!log.contains(&key.secret));
     assert!(!log.contains("kf_live_guessing_attempt"));
 }
+
+#[tokio::test]
+async fn revoking_a_revoked_key_changes_nothing() {
+    let server = Server::start(&[]);
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "acme", "production", &[]).await;
+    let id = key.key.unwrap().id;
+    let first = admin
+        .revoke_key(pb::RevokeKeyRequest { key_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut again = tonic::Request::new(pb::RevokeKeyRequest { key_id: id.clone() });
+    again
+        .metadata_mut()
+        .insert("x-keyfence-actor", "someone-else".parse().unwrap());
+    let second = admin.revoke_key(again).await.unwrap().into_inner();
+    assert_eq!(second.revision, first.revision, "no new revision");
+    assert_eq!(
+        second.key, first.key,
+        "the audit fields name the first revocation"
+    );
+    let list = admin
+        .get_allowlist(pb::GetAllowlistRequest {
+            scope: key_scope(&id),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.revision, first.revision, "the store made no write");
+}

@@ -247,11 +247,20 @@ impl Admin {
         .await
     }
 
+    /// Revokes a key for good. Revoking a revoked key changes nothing: no write, no new
+    /// revision, and the audit fields keep who revoked it first.
     pub async fn revoke_key(
         &self,
         principal: &Principal,
         id: &KeyId,
     ) -> AdminResult<Committed<KeyRecord>> {
+        let current = self.parts.store.get_key(id).await?;
+        if current.status == KeyStatus::Revoked {
+            return Ok(Committed {
+                value: current,
+                revision: self.parts.decisions.current_revision(),
+            });
+        }
         let audit = self.audit(principal);
         self.edit_key(id, &audit, "key revoked", |record| {
             record.status = KeyStatus::Revoked;

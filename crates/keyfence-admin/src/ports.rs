@@ -16,4 +16,7 @@ pub trait Decisions: Send + Sync {
     /// Waits until this replica's snapshot includes `revision`; `false` when `timeout` passed
     /// first.
     async fn wait_for_revision(&self, revision: u64, timeout: Duration) -> bool;
+
+    /// The revision of this replica's snapshot: what a request that changes nothing reports.
+    fn current_revision(&self) -> u64;
 }
