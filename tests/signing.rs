@@ -20,6 +20,7 @@ use common::{envoy::*, *};
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The address the partners' keys are allowed from, and that every client here sends from.
 const PARTNER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+const UNLISTED_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const JSON_BODY: &[u8] = br#"{"amount":100,"currency":"EUR"}"#;
 
 /// keyfence, an upstream, and Envoy in front of the upstream asking keyfence.
@@ -632,4 +633,96 @@ async fn reference_signers_are_allowed_through_envoy() {
         }
     }
     assert_eq!(stack.upstream.received().len(), sent);
+}
+
+#[tokio::test]
+async fn detailed_denials_show_the_servers_canonical_string_only_when_on() {
+    use keyfence_policy::signature::canonical_string;
+    const UNAUTHORIZED: &str = r#"{"code":401,"msg":"Unauthorized"}"#;
+    let sent_path = "/v1/payments?currency=USD";
+
+    // Signed for one path, sent to another: what a proxy that rewrites the path does.
+    let mismatched = |partner: &Partner| {
+        parse_headers(&succeeded(&partner.sign(
+            "POST",
+            "/v1/payments?currency=EUR",
+            Some(JSON_BODY),
+            &[],
+        )))
+    };
+
+    let detailed = Stack::start(&["--detailed-denials"]).await;
+    let partner = Partner::create(&detailed.keyfence, Scheme::Hmac);
+    let headers = mismatched(&partner);
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let before = now_secs();
+    let response = send(
+        PARTNER_IP,
+        detailed.envoy.listen,
+        &request("POST", sent_path, Some(JSON_BODY), &headers),
+    )
+    .await;
+    assert_eq!(response.status, 401);
+    let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+    assert_eq!(body["error"]["code"], "SIGNATURE_INVALID", "{body}");
+    let timestamp: i64 = header("x-timestamp").parse().unwrap();
+    let server_canonical =
+        canonical_string(timestamp, &header("x-nonce"), "POST", sent_path, JSON_BODY);
+    assert_eq!(
+        body["error"]["details"]["canonicalString"],
+        String::from_utf8(server_canonical).unwrap(),
+        "{body}"
+    );
+    let server_time = body["error"]["details"]["serverTime"].as_i64().unwrap();
+    assert!((before..=now_secs()).contains(&server_time), "{body}");
+    let text = response.text();
+    assert!(
+        !text.contains(partner.signing_key().trim()),
+        "the secret was sent"
+    );
+    assert!(
+        !text.contains(partner.api_key().trim()),
+        "the key was echoed"
+    );
+
+    // Off (the default): the same mistake and an IP denial look exactly alike.
+    let opaque = Stack::start(&[]).await;
+    let partner = Partner::create(&opaque.keyfence, Scheme::Hmac);
+    let headers = mismatched(&partner);
+    let bad_signature = send(
+        PARTNER_IP,
+        opaque.envoy.listen,
+        &request("POST", sent_path, Some(JSON_BODY), &headers),
+    )
+    .await;
+    let good = parse_headers(&succeeded(&partner.sign(
+        "POST",
+        sent_path,
+        Some(JSON_BODY),
+        &[],
+    )));
+    let bad_ip = send(
+        UNLISTED_IP,
+        opaque.envoy.listen,
+        &request("POST", sent_path, Some(JSON_BODY), &good),
+    )
+    .await;
+    for (what, response) in [("bad signature", &bad_signature), ("bad ip", &bad_ip)] {
+        assert_eq!(response.status, 401, "{what}");
+        assert_eq!(response.text(), UNAUTHORIZED, "{what}");
+        assert_eq!(response.header("content-type"), Some("application/json"));
+    }
+    let names = |response: &Response| {
+        let mut names: Vec<String> = response
+            .headers
+            .iter()
+            .map(|(name, _)| name.clone())
+            .filter(|name| name != "date")
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&bad_signature), names(&bad_ip));
+    assert!(opaque.upstream.received().is_empty());
+    assert!(detailed.upstream.received().is_empty());
 }
