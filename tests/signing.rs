@@ -63,21 +63,7 @@ struct Partner {
 impl Partner {
     fn create(server: &Server, scheme: Scheme) -> Partner {
         let dir = tempfile::tempdir().unwrap();
-        let mut args = vec![
-            "keys",
-            "create",
-            "--partner",
-            "acme",
-            "--env",
-            "production",
-            "--name",
-            "signing partner",
-            "--allow",
-            "127.0.0.1",
-            "--secret-file",
-            "api.key",
-        ];
-        args.extend(match scheme {
+        let signing: [&str; 4] = match scheme {
             Scheme::Hmac => [
                 "--scheme",
                 "hmac-sha256",
@@ -85,8 +71,10 @@ impl Partner {
                 "signing.key",
             ],
             Scheme::Ed25519 => ["--scheme", "ed25519", "--private-key-out", "signing.key"],
-        });
-        succeeded(&admin_cli(server, dir.path(), &args));
+        };
+        let mut args = vec!["--allow", "127.0.0.1", "--secret-file", "api.key"];
+        args.extend(signing);
+        succeeded(&create_key(server, dir.path(), "signing partner", &args));
         Partner { dir, scheme }
     }
 
@@ -130,6 +118,22 @@ impl Partner {
         }
         command.output().expect("run keyfence sign")
     }
+}
+
+/// `keyfence keys create --partner acme --env production --name NAME ARGS…`.
+fn create_key(server: &Server, dir: &Path, name: &str, args: &[&str]) -> Output {
+    let mut all = vec![
+        "keys",
+        "create",
+        "--partner",
+        "acme",
+        "--env",
+        "production",
+        "--name",
+        name,
+    ];
+    all.extend_from_slice(args);
+    admin_cli(server, dir, &all)
 }
 
 fn admin_cli(server: &Server, dir: &Path, args: &[&str]) -> Output {
@@ -431,22 +435,9 @@ async fn keys_create_private_key_out_registers_only_the_public_key() {
 
     // An existing key file is never overwritten unless asked, and no key is created meanwhile.
     let create_again = |extra: &[&str]| {
-        let mut args = vec![
-            "keys",
-            "create",
-            "--partner",
-            "acme",
-            "--env",
-            "production",
-            "--name",
-            "again",
-            "--scheme",
-            "ed25519",
-            "--private-key-out",
-            "signing.key",
-        ];
+        let mut args = vec!["--scheme", "ed25519", "--private-key-out", "signing.key"];
         args.extend_from_slice(extra);
-        admin_cli(&server, partner.dir.path(), &args)
+        create_key(&server, partner.dir.path(), "again", &args)
     };
     let refused = create_again(&[]);
     assert!(!refused.status.success());
@@ -462,38 +453,19 @@ async fn keys_create_private_key_out_registers_only_the_public_key() {
     assert_eq!(key_count(&server).await, 2);
 
     // The flag belongs to Ed25519 only; an HMAC secret file is refused the same way.
-    let wrong_scheme = admin_cli(
+    let wrong_scheme = create_key(
         &server,
         partner.dir.path(),
-        &[
-            "keys",
-            "create",
-            "--partner",
-            "acme",
-            "--env",
-            "production",
-            "--name",
-            "x",
-            "--scheme",
-            "hmac-sha256",
-            "--private-key-out",
-            "other.pem",
-        ],
+        "x",
+        &["--scheme", "hmac-sha256", "--private-key-out", "other.pem"],
     );
     assert!(!wrong_scheme.status.success());
     assert!(!partner.path("other.pem").exists());
-    let secret_in_the_way = admin_cli(
+    let secret_in_the_way = create_key(
         &server,
         partner.dir.path(),
+        "x",
         &[
-            "keys",
-            "create",
-            "--partner",
-            "acme",
-            "--env",
-            "production",
-            "--name",
-            "x",
             "--scheme",
             "hmac-sha256",
             "--signing-secret-file",
@@ -683,6 +655,47 @@ async fn detailed_denials_show_the_servers_canonical_string_only_when_on() {
     assert!(
         !text.contains(partner.api_key().trim()),
         "the key was echoed"
+    );
+
+    // The operator's side (docs/partner-guide.md): a dry run with the partner's signature allows
+    // the path as signed and refuses the path as received. It consumes no nonce.
+    let key_id = keys(&detailed.keyfence).await[0].id.clone();
+    let dry_run = |path: &str| {
+        std::fs::write(partner.path("body.bin"), JSON_BODY).unwrap();
+        let output = admin_cli(
+            &detailed.keyfence,
+            partner.dir.path(),
+            &[
+                "check",
+                "--json",
+                "--key-id",
+                &key_id,
+                "--ip",
+                "127.0.0.1",
+                "--signature",
+                &header("x-signature"),
+                "--timestamp",
+                &header("x-timestamp"),
+                "--nonce",
+                &header("x-nonce"),
+                "--method",
+                "POST",
+                "--path",
+                path,
+                "--body-file",
+                "body.bin",
+            ],
+        );
+        let answer: serde_json::Value = serde_json::from_str(&succeeded(&output)).unwrap();
+        (answer["decision"].clone(), answer["reason"].clone())
+    };
+    assert_eq!(
+        dry_run("/v1/payments?currency=EUR"),
+        ("allow".into(), serde_json::Value::Null)
+    );
+    assert_eq!(
+        dry_run(sent_path),
+        ("deny".into(), "signature_invalid".into())
     );
 
     // Off (the default): the same mistake and an IP denial look exactly alike.

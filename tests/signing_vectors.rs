@@ -471,3 +471,72 @@ fn the_vectors_cover_the_edge_cases_partners_trip_on() {
     names.dedup();
     assert_eq!(names.len(), vectors.len(), "vector names are unique");
 }
+
+/// The sh block after the worked-example marker in docs/partner-guide.md.
+fn guide_worked_example(guide: &str) -> String {
+    let after = guide
+        .split("<!-- worked example")
+        .nth(1)
+        .expect("worked example marker in docs/partner-guide.md");
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .expect("a sh block after the marker");
+    block.split("```").next().unwrap().to_owned()
+}
+
+#[test]
+fn the_guides_worked_example_is_a_published_vector_and_runs_as_printed() {
+    let guide = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/partner-guide.md"
+    ))
+    .unwrap();
+    let cases = cases();
+    let example = vector(&cases[0]);
+    let ed25519 = vector(
+        cases
+            .iter()
+            .find(|c| c.name == "ed25519-post-json")
+            .unwrap(),
+    );
+    for (what, text) in [
+        ("the secret", example.secret_base64.clone().unwrap()),
+        ("the body hash", example.expected.body_sha256_hex.clone()),
+        (
+            "the canonical string",
+            example.expected.canonical_string.clone(),
+        ),
+        ("its hex", example.expected.canonical_string_hex.clone()),
+        ("the signature", example.expected.signature.clone()),
+        ("the Ed25519 signature", ed25519.expected.signature.clone()),
+    ] {
+        assert!(
+            guide.contains(&text),
+            "the guide's worked example lacks {what}: {text}"
+        );
+    }
+
+    let works = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        works,
+        "no openssl to run the guide's worked example: run ./scripts/test (it installs Debian's \
+         openssl), or apt-get install openssl"
+    );
+    let output = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &guide_worked_example(&guide)])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(output.stdout).unwrap().trim(),
+        example.expected.signature
+    );
+}
