@@ -370,6 +370,10 @@ fn keyfence_sign_refuses_what_could_only_be_denied() {
         "at most 128",
     );
     refused(&["--path", "/v1/a", "--format", "curl"], "--base-url");
+    refused(
+        &["--path", "/v1/a", "--method", "GET /x"],
+        "not an HTTP method",
+    );
     std::fs::write(dir.path().join("secret"), "not base64!").unwrap();
     refused(
         &["--path", "/v1/a"],
@@ -460,6 +464,21 @@ async fn keys_create_private_key_out_registers_only_the_public_key() {
         &["--scheme", "hmac-sha256", "--private-key-out", "other.pem"],
     );
     assert!(!wrong_scheme.status.success());
+    let same_file = create_key(
+        &server,
+        partner.dir.path(),
+        "x",
+        &[
+            "--scheme",
+            "ed25519",
+            "--private-key-out",
+            "same.pem",
+            "--secret-file",
+            "same.pem",
+        ],
+    );
+    assert!(!same_file.status.success());
+    assert!(!partner.path("same.pem").exists());
     assert!(!partner.path("other.pem").exists());
     let secret_in_the_way = create_key(
         &server,

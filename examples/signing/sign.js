@@ -55,7 +55,7 @@ function send(baseUrl, method, path, keyFile, signingKeyFile, bodyFile) {
   const body = bodyFile ? fs.readFileSync(bodyFile) : Buffer.alloc(0);
   const apiKey = fs.readFileSync(keyFile, 'utf8').trim();
   const headers = signedHeaders(apiKey, fs.readFileSync(signingKeyFile, 'utf8'), method, path, body);
-  if (bodyFile) headers['content-length'] = body.length;
+  headers['content-length'] = body.length;
   const url = new URL(baseUrl);
   const client = require(url.protocol === 'https:' ? 'https' : 'http');
   const options = { host: url.hostname, port: url.port, method: method.toUpperCase(), path, headers };

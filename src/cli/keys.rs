@@ -257,6 +257,18 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                         .into(),
                 ));
             }
+            let files = [
+                &args.secret_file,
+                &args.signing_secret_file,
+                &args.private_key_out,
+            ];
+            let named: Vec<&PathBuf> = files.into_iter().flatten().collect();
+            if (1..named.len()).any(|i| named[..i].contains(&named[i])) {
+                return Err(CliError::Input(
+                    "--secret-file, --signing-secret-file and --private-key-out must name different files"
+                        .into(),
+                ));
+            }
             // Opened before the key exists, so that a file in the way stops us before a secret
             // is issued that could then be written nowhere.
             let signing_secret_file = args

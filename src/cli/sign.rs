@@ -89,6 +89,7 @@ pub fn run(args: SignArgs) -> Result<(), CliError> {
         let path = args.secret_file.as_ref().or(args.private_key_file.as_ref());
         input(path.expect("one of them"), &error.to_string())
     })?;
+    check_method(&args.method)?;
     check_path(&args.path)?;
     let nonce = match args.nonce {
         Some(nonce) => {
@@ -144,6 +145,17 @@ fn input(path: &Path, problem: &str) -> CliError {
 
 fn read_text(path: &Path) -> Result<String, CliError> {
     std::fs::read_to_string(path).map_err(|e| input(path, &e.to_string()))
+}
+
+/// An HTTP method is a token; anything else would not reach the server as signed.
+fn check_method(method: &str) -> Result<(), CliError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if method.is_empty() || !method.bytes().all(token) {
+        return Err(CliError::Input(format!(
+            "--method {method:?} is not an HTTP method"
+        )));
+    }
+    Ok(())
 }
 
 /// Envoy signs over the path it receives, so a URL or a path without its leading `/` can never
