@@ -1,6 +1,7 @@
 //! The partners' signing kit, end to end: `keyfence sign` (headers, curl, `--explain`) reproduces
 //! the published vectors and is allowed through the real Envoy (`deploy/envoy/envoy.yaml`) to
-//! keyfence; `keys create --private-key-out` registers only a public key; the reference signers in
+//! keyfence; `keys create --private-key-out` registers only a public key, and a key pair made with
+//! openssl registers and signs as the guide says; the reference signers in
 //! `examples/signing/` reproduce every vector and are allowed through Envoy; and a detailed
 //! `SIGNATURE_INVALID` denial shows the server's canonical string, the opaque one nothing.
 //!
@@ -497,6 +498,80 @@ async fn keys_create_private_key_out_registers_only_the_public_key() {
         2,
         "no key is created for a secret with nowhere to go"
     );
+}
+
+#[tokio::test]
+async fn a_key_pair_made_with_openssl_registers_and_signs() {
+    // What the guide tells a partner with no keyfence: openssl makes the pair, the operator
+    // registers the PEM public key, and keyfence sign reads the PEM private key as written.
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect(
+                "no openssl: run ./scripts/test (it installs Debian's openssl), or apt-get install openssl",
+            );
+        succeeded(&output);
+    };
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", "own.pem"]);
+    openssl(&["pkey", "-in", "own.pem", "-pubout", "-out", "own.pub.pem"]);
+    let refused = create_key(
+        &server,
+        dir.path(),
+        "own",
+        &["--scheme", "ed25519", "--public-key-file", "own.pem"],
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("never the private key"),
+        "a private key was accepted as the public one"
+    );
+    succeeded(&create_key(
+        &server,
+        dir.path(),
+        "own",
+        &[
+            "--scheme",
+            "ed25519",
+            "--public-key-file",
+            "own.pub.pem",
+            "--allow",
+            "127.0.0.1",
+            "--secret-file",
+            "api.key",
+        ],
+    ));
+    let partner = Partner {
+        dir,
+        scheme: Scheme::Ed25519,
+    };
+    std::fs::rename(partner.path("own.pem"), partner.path("signing.key")).unwrap();
+    let headers = parse_headers(&succeeded(&partner.sign("GET", "/v1/orders", None, &[])));
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    let checked = admin_cli(
+        &server,
+        partner.dir.path(),
+        &[
+            "check",
+            "--json",
+            "--key-file",
+            "api.key",
+            "--ip",
+            "127.0.0.1",
+            "--signature",
+            &header("x-signature"),
+            "--timestamp",
+            &header("x-timestamp"),
+            "--nonce",
+            &header("x-nonce"),
+            "--path",
+            "/v1/orders",
+        ],
+    );
+    let answer: serde_json::Value = serde_json::from_str(&succeeded(&checked)).unwrap();
+    assert_eq!(answer["decision"], "allow", "{answer}");
 }
 
 // Multi-threaded: the upstream keeps serving while this thread waits for a client process.

@@ -161,7 +161,8 @@ pub fn read_public_key(path: &PathBuf) -> Result<Vec<u8>, CliError> {
     }
     if text.starts_with("-----BEGIN") {
         return Err(CliError::Input(format!(
-            "{}: this PEM file is not a public key; give the public key              (-----BEGIN PUBLIC KEY-----), never the private key",
+            "{}: this PEM file is not a public key; give the public key \
+             (-----BEGIN PUBLIC KEY-----), never the private key",
             path.display()
         )));
     }
