@@ -1,6 +1,6 @@
-//! The `keyfence` command line: `serve`, and the admin commands for people and scripts, which are
-//! clients of the Admin service. Tables by default, `--json` for scripts; errors exit non-zero
-//! with the server's message.
+//! The `keyfence` command line: `serve`; the admin commands for people and scripts, which are
+//! clients of the Admin service (tables by default, `--json` for scripts; errors exit non-zero
+//! with the server's message); and `sign`, the partner's signer, which needs no server.
 
 mod admin_token;
 mod allowlist;
@@ -9,6 +9,7 @@ mod client;
 mod keys;
 mod logs;
 mod output;
+pub mod sign;
 
 use std::time::{Duration, SystemTime};
 
@@ -64,6 +65,8 @@ pub enum Command {
         #[command(flatten)]
         args: check::CheckArgs,
     },
+    /// Sign a request as a partner must and print the headers to send; needs no server.
+    Sign(sign::SignArgs),
 }
 
 /// Why an admin command failed.
@@ -117,6 +120,7 @@ impl From<tonic::Status> for CliError {
 pub async fn run_admin(command: Command) -> Result<(), CliError> {
     let plaintext = match &command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Sign(_) => unreachable!("sign is handled by main"),
         Command::AdminToken { .. } => false,
         Command::Keys { client, .. }
         | Command::Allowlist { client, .. }
@@ -125,6 +129,7 @@ pub async fn run_admin(command: Command) -> Result<(), CliError> {
     };
     let result = match command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Sign(_) => unreachable!("sign is handled by main"),
         Command::AdminToken { command } => admin_token::run(command),
         Command::Keys { client, command } => keys::run(&client, command).await,
         Command::Allowlist { client, command } => allowlist::run(&client, command).await,

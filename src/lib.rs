@@ -15,7 +15,10 @@
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
 //! - [`server`]: wires the above together and runs the listeners.
-//! - [`cli`]: the admin command line, a client of the Admin service.
+//! - [`signing`]: signing as a partner signs (key file formats), for `keyfence sign` and the
+//!   published test vectors.
+//! - [`cli`]: the command line: the admin commands, clients of the Admin service, and
+//!   `keyfence sign`, which needs no server.
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -25,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod server;
+pub mod signing;
 pub mod sync;
 pub mod system;
 pub mod telemetry;

@@ -1,5 +1,5 @@
-//! The `keyfence` binary: parses the command line, sets up logging, and either serves or runs an
-//! admin command against a running server.
+//! The `keyfence` binary: parses the command line, sets up logging, and either serves, runs an
+//! admin command against a running server, or signs a request (no server, no async runtime).
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -14,6 +14,18 @@ use keyfence::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Sign(args) => {
+            return match keyfence::cli::sign::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        command => command,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -21,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
+    let result = match command {
         Command::Serve(args) => runtime.block_on(async {
             let config = Config::resolve(*args).context("invalid configuration")?;
             let telemetry = telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;

@@ -1,6 +1,6 @@
 //! `keyfence keys …`
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
@@ -8,7 +8,7 @@ use super::{
     CliError, ClientOptions, ExpiryArgs,
     output::{self, KEY_HEADER, key_fields, key_json, key_row, print_json},
 };
-use crate::grpc::pb;
+use crate::{grpc::pb, signing, system::OsRandom};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum KeysCommand {
@@ -69,9 +69,21 @@ pub struct CreateArgs {
     /// How requests must be signed.
     #[arg(long, value_enum, default_value = "none")]
     scheme: Scheme,
-    /// The partner's Ed25519 public key: a file holding 32 raw bytes, or hex or base64 text.
+    /// The partner's Ed25519 public key: a file holding 32 raw bytes, hex or base64 text, or a
+    /// PEM public key (-----BEGIN PUBLIC KEY-----).
     #[arg(long)]
     public_key_file: Option<PathBuf>,
+    /// Generate the Ed25519 key pair here: the private key goes to this file (PKCS#8 PEM, mode
+    /// 0600, what `keyfence sign --private-key-file` reads) and only the public key to the server.
+    #[arg(long, value_name = "FILE", conflicts_with = "public_key_file")]
+    private_key_out: Option<PathBuf>,
+    /// Write the HMAC signing secret to this file (base64, mode 0600, what `keyfence sign
+    /// --secret-file` reads) instead of printing it.
+    #[arg(long, value_name = "FILE")]
+    signing_secret_file: Option<PathBuf>,
+    /// Replace an existing --private-key-out or --signing-secret-file file.
+    #[arg(long)]
+    force: bool,
     /// Report IP denials instead of enforcing them.
     #[arg(long)]
     report_only: bool,
@@ -131,21 +143,89 @@ fn parse_rate_limit(text: &str) -> Result<pb::RateLimit, String> {
 
 pub fn read_public_key(path: &PathBuf) -> Result<Vec<u8>, CliError> {
     use base64::Engine as _;
+    use ed25519_dalek::pkcs8::DecodePublicKey as _;
     let bytes = std::fs::read(path)?;
     if bytes.len() == 32 {
         return Ok(bytes);
     }
     let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+    if text.starts_with("-----BEGIN PUBLIC KEY-----") {
+        return ed25519_dalek::VerifyingKey::from_public_key_pem(&text)
+            .map(|key| key.to_bytes().to_vec())
+            .map_err(|error| {
+                CliError::Input(format!(
+                    "{}: not an Ed25519 PEM public key: {error}",
+                    path.display()
+                ))
+            });
+    }
+    if text.starts_with("-----BEGIN") {
+        return Err(CliError::Input(format!(
+            "{}: this PEM file is not a public key; give the public key \
+             (-----BEGIN PUBLIC KEY-----), never the private key",
+            path.display()
+        )));
+    }
     hex::decode(&text)
         .ok()
         .or_else(|| base64::engine::general_purpose::STANDARD.decode(&text).ok())
         .filter(|k| k.len() == 32)
         .ok_or_else(|| {
             CliError::Input(format!(
-                "{}: expected 32 raw bytes, or 32 bytes as hex or base64",
+                "{}: expected 32 raw bytes, 32 bytes as hex or base64, or a PEM public key",
                 path.display()
             ))
         })
+}
+
+/// Creates a file for key material, readable by the owner only (mode 0600). An existing file is
+/// refused unless `replace`: a private key or signing secret overwritten by mistake is lost.
+pub fn create_private_file(path: &Path, replace: bool) -> Result<std::fs::File, CliError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if replace {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let file = options.open(path).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::AlreadyExists {
+            CliError::Input(format!(
+                "{} already exists; keyfence will not overwrite key material (--force replaces it)",
+                path.display()
+            ))
+        } else {
+            CliError::Input(format!("{}: {error}", path.display()))
+        }
+    })?;
+    // `mode` applies only to a new file: an existing one replaced with --force is narrowed too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+fn write_all(mut file: std::fs::File, contents: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The Ed25519 key pair `--private-key-out` asks for: the private key is written first (so that
+/// no key is registered whose private half was never saved) and the public key returned.
+fn generate_key_pair(path: &Path, replace: bool) -> Result<Vec<u8>, CliError> {
+    let file = create_private_file(path, replace)?;
+    let private_key = signing::generate_ed25519(&OsRandom);
+    write_all(file, &signing::private_key_pem(&private_key))?;
+    Ok(private_key.verifying_key().to_bytes().to_vec())
 }
 
 /// Writes a secret readable by the owner only.
@@ -167,9 +247,40 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
     let mut admin = client.connect().await?;
     match command {
         KeysCommand::Create(args) => {
-            let public_key = match &args.public_key_file {
-                Some(path) => read_public_key(path)?,
-                None => Vec::new(),
+            if args.private_key_out.is_some() && !matches!(args.scheme, Scheme::Ed25519) {
+                return Err(CliError::Input(
+                    "--private-key-out generates an Ed25519 key pair: add --scheme ed25519".into(),
+                ));
+            }
+            if args.signing_secret_file.is_some() && !matches!(args.scheme, Scheme::HmacSha256) {
+                return Err(CliError::Input(
+                    "--signing-secret-file is for --scheme hmac-sha256, whose secret keyfence issues"
+                        .into(),
+                ));
+            }
+            let files = [
+                &args.secret_file,
+                &args.signing_secret_file,
+                &args.private_key_out,
+            ];
+            let named: Vec<&PathBuf> = files.into_iter().flatten().collect();
+            if (1..named.len()).any(|i| named[..i].contains(&named[i])) {
+                return Err(CliError::Input(
+                    "--secret-file, --signing-secret-file and --private-key-out must name different files"
+                        .into(),
+                ));
+            }
+            // Opened before the key exists, so that a file in the way stops us before a secret
+            // is issued that could then be written nowhere.
+            let signing_secret_file = args
+                .signing_secret_file
+                .as_deref()
+                .map(|path| create_private_file(path, args.force))
+                .transpose()?;
+            let public_key = match (&args.public_key_file, &args.private_key_out) {
+                (Some(path), _) => read_public_key(path)?,
+                (None, Some(path)) => generate_key_pair(path, args.force)?,
+                (None, None) => Vec::new(),
             };
             let request = pb::CreateKeyRequest {
                 partner_id: args.partner,
@@ -198,11 +309,29 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                 } as i32,
                 rate_limit: args.rate_limit,
             };
-            let response = admin.create_key(request).await?.into_inner();
+            let response = match admin.create_key(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    // No key was registered: the files made for it hold nothing of use.
+                    for path in [&args.private_key_out, &args.signing_secret_file]
+                        .into_iter()
+                        .flatten()
+                    {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    return Err(status.into());
+                }
+            };
             let key = response.key.unwrap_or_default();
             if let Some(path) = &args.secret_file {
                 write_secret(path, &response.secret)?;
             }
+            if let Some(file) = signing_secret_file {
+                write_all(file, &response.signing_secret)?;
+            }
+            let shown_signing_secret = (!response.signing_secret.is_empty()
+                && args.signing_secret_file.is_none())
+            .then_some(&response.signing_secret);
             let shown_secret = if args.secret_file.is_some() {
                 None
             } else {
@@ -212,7 +341,9 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                 print_json(&json!({
                     "key": key_json(&key),
                     "secret": shown_secret,
-                    "signing_secret": (!response.signing_secret.is_empty()).then_some(&response.signing_secret),
+                    "signing_secret": shown_signing_secret,
+                    "signing_secret_file": args.signing_secret_file.as_ref().map(|p| p.display().to_string()),
+                    "private_key_file": args.private_key_out.as_ref().map(|p| p.display().to_string()),
                     "revision": response.revision,
                 }));
             } else {
@@ -222,10 +353,16 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                     (None, Some(secret)) => println!("secret (shown once)  {secret}"),
                     _ => {}
                 }
-                if !response.signing_secret.is_empty() {
+                if let Some(signing_secret) = shown_signing_secret {
+                    println!("signing secret (shown once, base64)  {signing_secret}");
+                }
+                if let Some(path) = &args.signing_secret_file {
+                    println!("signing secret written to {} (mode 0600)", path.display());
+                }
+                if let Some(path) = &args.private_key_out {
                     println!(
-                        "signing secret (shown once, base64)  {}",
-                        response.signing_secret
+                        "ed25519 private key written to {} (PKCS#8 PEM, mode 0600); only its public key was sent",
+                        path.display()
                     );
                 }
                 println!("revision {}", response.revision);

@@ -41,7 +41,7 @@ use tonic::{Code, Request, Response, Status};
 
 pub use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 
-use self::denial::{Denial, DenialDetail};
+use self::denial::{Denial, DenialDetail, SignatureDetail};
 use keyfence_policy::{
     client_ip::{Origin, TrustedProxies},
     clock::Clock,
@@ -121,7 +121,9 @@ impl ExtAuthzService {
         record_decision(&decision);
         match (decision.verdict, decision.key.as_deref()) {
             (Verdict::Allow, Some(key)) => allow(key, question.key_from),
-            (Verdict::Deny(reason), _) => self.deny(&self.decided_denial(&decision, reason)),
+            (Verdict::Deny(reason), _) => {
+                self.deny(&self.decided_denial(&decision, reason, question.signature.as_ref()))
+            }
             (Verdict::Allow, None) => {
                 // The engine allows only a key it found; anything else is a bug, and denied.
                 tracing::error!("an allow without a key; denying");
@@ -130,7 +132,12 @@ impl ExtAuthzService {
         }
     }
 
-    fn decided_denial(&self, decision: &Decision, reason: DenyReason) -> Denial {
+    fn decided_denial(
+        &self,
+        decision: &Decision,
+        reason: DenyReason,
+        signed: Option<&SignedRequest<'_>>,
+    ) -> Denial {
         let show_allowlist = matches!(
             self.settings.denials,
             DenialDetail::Detailed {
@@ -145,6 +152,13 @@ impl ExtAuthzService {
                 .as_ref()
                 .filter(|_| show_allowlist)
                 .map(|key| key.allowlist.active_networks(SystemClock.now())),
+            // Built only for a detailed denial, from the request this edge already holds.
+            signature: match self.settings.denials {
+                DenialDetail::Detailed { .. } => {
+                    SignatureDetail::of(reason, signed, SystemClock.now())
+                }
+                DenialDetail::Opaque => None,
+            },
         }
     }
 

@@ -1,4 +1,5 @@
-//! Request signatures: the canonical string, HMAC-SHA256 and Ed25519 verification.
+//! Request signatures: the canonical string, HMAC-SHA256 and Ed25519 verification, and signing as
+//! a partner signs (`keyfence sign`, the published test vectors, tests).
 //!
 //! Canonical string (UTF-8):
 //! `timestamp + "\n" + nonce + "\n" + METHOD + "\n" + path_and_query + "\n" + hex(sha256(body))`,
@@ -10,7 +11,7 @@ use base64::{
     Engine as _, alphabet,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -173,10 +174,23 @@ pub fn sign_hmac(
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// Signs like a partner would with an Ed25519 private key: base64 of the Ed25519 signature over the
+/// canonical string.
+pub fn sign_ed25519(
+    private_key: &SigningKey,
+    timestamp: i64,
+    nonce: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> String {
+    let signature = private_key.sign(&canonical_string(timestamp, nonce, method, path, body));
+    base64::engine::general_purpose::STANDARD.encode(signature.to_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ed25519_dalek::{Signer, SigningKey};
 
     fn request<'a>(signature: &'a str, body: &'a [u8]) -> SignedRequest<'a> {
         SignedRequest {
@@ -240,10 +254,14 @@ mod tests {
             public_key: signing.verifying_key().to_bytes(),
         };
         let verifier = Verifier::new(&scheme).unwrap();
-        let message =
-            canonical_string(1_700_000_000, "n-1", "POST", "/v1/payments?limit=10", b"{}");
-        let signature =
-            base64::engine::general_purpose::STANDARD.encode(signing.sign(&message).to_bytes());
+        let signature = sign_ed25519(
+            &signing,
+            1_700_000_000,
+            "n-1",
+            "POST",
+            "/v1/payments?limit=10",
+            b"{}",
+        );
         assert!(verifier.verify(&request(&signature, b"{}")));
         assert!(!verifier.verify(&request(&signature, b"{\"amount\":1}")));
         let mut tampered = request(&signature, b"{}");

@@ -1,12 +1,20 @@
 //! What a denial looks like to the caller behind Envoy: the HTTP status, the JSON body and the
 //! gRPC code Envoy records. Opaque by default (`{"code":401,"msg":"Unauthorized"}`, the same for a
 //! bad IP and a bad signature); with detailed denials, a stable SCREAMING_SNAKE code and a message
-//! per reason. Bodies are built with serde_json so that every value is escaped.
+//! per reason, and for a signature the server refused, what it computed: the canonical string (on
+//! `SIGNATURE_INVALID`) and its clock, so a partner sees whether the path, the body hash or the
+//! time differs. Bodies are built with serde_json so that every value is escaped.
 
 use serde::Serialize;
 use tonic::Code;
 
-use keyfence_policy::{decision::DenyReason, ip::Cidr, ip::ClientIp};
+use keyfence_policy::{
+    decision::DenyReason,
+    ip::Cidr,
+    ip::ClientIp,
+    model::UnixMillis,
+    signature::{SignedRequest, canonical_string},
+};
 
 /// How much a denial tells the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,9 +39,52 @@ pub enum Denial {
         client_ip: Option<ClientIp>,
         /// The key's effective networks, only when the deployment shows them.
         allowed: Option<Vec<Cidr>>,
+        /// What the server computed for a signature it refused, only when the deployment shows
+        /// details.
+        signature: Option<SignatureDetail>,
     },
     /// No decision could be made (policy not loaded): fail closed, and say it is temporary.
     Unavailable,
+}
+
+/// What a detailed signature denial shows. Computed at the edge from the request Envoy sent, and
+/// only for a detailed denial: the decision path never builds it. It holds nothing the caller did
+/// not send, and never a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureDetail {
+    /// The canonical string of the request as the server received it (`SIGNATURE_INVALID`).
+    pub canonical_string: Option<String>,
+    /// The server's clock, Unix seconds.
+    pub server_time: i64,
+}
+
+impl SignatureDetail {
+    /// The detail for `reason`: the canonical string and the time for `SIGNATURE_INVALID`, the
+    /// time for `TIMESTAMP_OUT_OF_WINDOW`, nothing for any other reason.
+    pub fn of(
+        reason: DenyReason,
+        signed: Option<&SignedRequest<'_>>,
+        now: UnixMillis,
+    ) -> Option<SignatureDetail> {
+        let canonical = match reason {
+            DenyReason::SignatureInvalid => signed.map(|signed| {
+                let bytes = canonical_string(
+                    signed.timestamp,
+                    signed.nonce,
+                    signed.method,
+                    signed.path,
+                    signed.body,
+                );
+                String::from_utf8_lossy(&bytes).into_owned()
+            }),
+            DenyReason::TimestampOutOfWindow => None,
+            _ => return None,
+        };
+        Some(SignatureDetail {
+            canonical_string: canonical,
+            server_time: now.as_secs(),
+        })
+    }
 }
 
 /// The HTTP answer Envoy sends in place of the upstream's.
@@ -122,12 +173,17 @@ impl Denial {
         };
         let details = match self {
             Denial::Decided {
-                client_ip, allowed, ..
+                client_ip,
+                allowed,
+                signature,
+                ..
             } => Details {
                 client_ip: client_ip.map(|ip| ip.to_string()),
                 allowed_ips: allowed
                     .as_ref()
                     .map(|networks| networks.iter().map(ToString::to_string).collect()),
+                canonical_string: signature.as_ref().and_then(|s| s.canonical_string.clone()),
+                server_time: signature.as_ref().map(|s| s.server_time),
             },
             _ => Details::default(),
         };
@@ -205,6 +261,10 @@ struct Details {
     client_ip: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     allowed_ips: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    canonical_string: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_time: Option<i64>,
 }
 
 fn json(value: &impl Serialize) -> String {
@@ -224,6 +284,7 @@ mod tests {
             reason,
             client_ip: Some(ip.parse().unwrap()),
             allowed: None,
+            signature: None,
         }
     }
 
@@ -279,6 +340,7 @@ mod tests {
                 "203.0.113.0/24".parse().unwrap(),
                 "2001:db8:1::/48".parse().unwrap(),
             ]),
+            signature: None,
         };
         let body: serde_json::Value = serde_json::from_str(&denial.respond(DETAILED).body).unwrap();
         assert_eq!(body["error"]["details"]["clientIp"], "2001:db8::9");
@@ -340,10 +402,54 @@ mod tests {
             reason: DenyReason::InvalidClientIp,
             client_ip: None,
             allowed: None,
+            signature: None,
         };
         assert_eq!(
             denial.respond(DETAILED).body,
             r#"{"success":false,"error":{"code":"INVALID_CLIENT_IP","message":"The client IP address could not be determined","details":{}}}"#
         );
+    }
+
+    #[test]
+    fn a_detailed_signature_denial_shows_what_the_server_computed_and_the_opaque_one_nothing() {
+        let signed = SignedRequest {
+            signature: "c2lnbmF0dXJl",
+            timestamp: 1_767_225_600,
+            nonce: "n-1",
+            method: "post",
+            path: "/v1/payments?currency=EUR",
+            body: b"{}",
+            body_complete: true,
+        };
+        let now = UnixMillis::from_secs(1_767_225_642);
+        let denial = |reason| Denial::Decided {
+            reason,
+            client_ip: Some("203.0.113.45".parse().unwrap()),
+            allowed: None,
+            signature: SignatureDetail::of(reason, Some(&signed), now),
+        };
+        let invalid = denial(DenyReason::SignatureInvalid);
+        assert_eq!(
+            invalid.respond(DETAILED).body,
+            r#"{"success":false,"error":{"code":"SIGNATURE_INVALID","message":"The request signature is not valid","details":{"clientIp":"203.0.113.45","canonicalString":"1767225600\nn-1\nPOST\n/v1/payments?currency=EUR\n44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","serverTime":1767225642}}}"#
+        );
+        let skewed: serde_json::Value = serde_json::from_str(
+            &denial(DenyReason::TimestampOutOfWindow)
+                .respond(DETAILED)
+                .body,
+        )
+        .unwrap();
+        assert_eq!(skewed["error"]["details"]["serverTime"], 1_767_225_642);
+        assert!(skewed["error"]["details"]["canonicalString"].is_null());
+        assert_eq!(
+            SignatureDetail::of(DenyReason::IpNotAllowed, Some(&signed), now),
+            None
+        );
+        // Opaque, the detail changes nothing: the body is the IP denial's, byte for byte.
+        assert_eq!(
+            invalid.respond(DenialDetail::Opaque),
+            decided(DenyReason::IpNotAllowed, "203.0.113.45").respond(DenialDetail::Opaque)
+        );
+        assert!(!invalid.respond(DETAILED).body.contains(signed.signature));
     }
 }
