@@ -13,6 +13,7 @@
 //! - [`authz`]: the decision service every data-plane front end shares.
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
+//! - [`data_dir`]: makes the data directory private (0700, files 0600) at start.
 //! - [`server`]: wires the above together and runs the listeners.
 //! - [`cli`]: the admin command line, a client of the Admin service.
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod access;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod data_dir;
 pub mod grpc;
 pub mod server;
 pub mod sync;

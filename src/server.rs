@@ -47,6 +47,8 @@ pub enum ServerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
+    DataDir(#[from] crate::data_dir::DataDirError),
+    #[error(transparent)]
     Grpc(#[from] GrpcError),
 }
 
@@ -208,6 +210,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    crate::data_dir::prepare(&config.data_dir)?;
     let Backends {
         store,
         access_log,

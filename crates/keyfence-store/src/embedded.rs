@@ -61,6 +61,9 @@ impl EmbeddedStore {
             ))
         })?;
         let path = data_dir.join(DB_FILE);
+        crate::create_private_file(&path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
+        })?;
         let db = Database::create(&path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(unavailable)?;

@@ -61,6 +61,24 @@ impl StoreError {
     }
 }
 
+/// Creates `path` empty with mode 0600 when it does not exist, so that a database file the store
+/// opens next is private from its first byte whatever the process's umask (redb would create it
+/// 0644). An existing file is left as it is: the data directory's modes are fixed at start.
+pub(crate) fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
 /// Now, for retention cutoffs: the store may read the clock, the policy core may not.
 pub(crate) fn wall_clock_now() -> UnixMillis {
     UnixMillis::from_system_time(SystemTime::now())
