@@ -8,6 +8,7 @@ mod client;
 mod keys;
 mod logs;
 mod output;
+mod secrets;
 
 use std::time::{Duration, SystemTime};
 
@@ -58,6 +59,12 @@ pub enum Command {
         #[command(flatten)]
         args: check::CheckArgs,
     },
+    /// Edit the secrets key file: add, promote, rotate or remove the keys that seal stored
+    /// records (works on the file; running servers reload it).
+    Secrets {
+        #[command(subcommand)]
+        command: secrets::SecretsCommand,
+    },
 }
 
 /// Why an admin command failed.
@@ -90,6 +97,7 @@ pub async fn run_admin(command: Command) -> Result<(), CliError> {
         Command::Allowlist { client, command } => allowlist::run(&client, command).await,
         Command::Check { client, args } => check::run(&client, args).await,
         Command::Logs { client, args } => logs::run(&client, args).await,
+        Command::Secrets { command } => secrets::run(command),
     }
 }
 

@@ -14,6 +14,8 @@
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
 //! - [`data_dir`]: makes the data directory private (0700, files 0600) at start.
+//! - [`reload`]: SIGHUP and file changes as a reload trigger.
+//! - [`secrets`]: the secrets key file (the keyring that seals stored records) and its reloads.
 //! - [`server`]: wires the above together and runs the listeners.
 //! - [`cli`]: the admin command line, a client of the Admin service.
 #![forbid(unsafe_code)]
@@ -24,6 +26,8 @@ pub mod cli;
 pub mod config;
 pub mod data_dir;
 pub mod grpc;
+pub mod reload;
+pub mod secrets;
 pub mod server;
 pub mod sync;
 pub mod system;

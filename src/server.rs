@@ -15,6 +15,7 @@ use keyfence_store::{
     access_log::{AccessLogStore, embedded::EmbeddedAccessLog},
     embedded::EmbeddedStore,
     redis::{CHANGE_LOG_LEN, RedisOptions, RedisStore},
+    sealing::Sealer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
@@ -48,6 +49,10 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::DataDirError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error("cannot watch for reloads: {0}")]
+    Reload(std::io::Error),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
 }
@@ -84,10 +89,13 @@ struct Backends {
     nonces: Nonces,
 }
 
-fn backends(config: &Config) -> Result<Backends, ServerError> {
+fn backends(config: &Config, sealer: Option<Arc<Sealer>>) -> Result<Backends, ServerError> {
     Ok(match &config.redis {
         None => Backends {
-            store: Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            store: Arc::new(EmbeddedStore::open(
+                &config.data_dir,
+                sealer.expect("the embedded store always has a secrets key file"),
+            )?),
             access_log: Arc::new(EmbeddedAccessLog::open(&config.data_dir)?),
             nonces: Nonces::Local(NonceLedger::default()),
         },
@@ -96,6 +104,7 @@ fn backends(config: &Config) -> Result<Backends, ServerError> {
                 url: redis.url.clone(),
                 namespace: redis.namespace.clone(),
                 change_log_len: CHANGE_LOG_LEN,
+                sealer,
             })?;
             let fallback = redis.nonce_fallback_local.then(NonceLedger::default);
             Backends {
@@ -135,6 +144,8 @@ async fn first_load(sync: &PolicySync, config: &Config) -> Result<(), ServerErro
     match sync.full_reload().await {
         Ok(_) => Ok(()),
         Err(error) if config.redis.is_none() => Err(error.into()),
+        // Redis holds what this replica lacks the key file for: no later load can succeed.
+        Err(error @ StoreError::FailedPrecondition(_)) => Err(error.into()),
         Err(error) => {
             tracing::warn!(%error, "cannot load the policy yet; not serving until it loads");
             Ok(())
@@ -211,17 +222,34 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     crate::data_dir::prepare(&config.data_dir)?;
+    let sealer = crate::secrets::open_sealer(
+        config.secrets_key_file.as_deref(),
+        config.redis.is_none(),
+        &OsRandom,
+    )?;
     let Backends {
         store,
         access_log,
         nonces,
-    } = backends(&config)?;
+    } = backends(&config, sealer.clone())?;
     let sync = PolicySync::new(store.clone(), Arc::new(SharedPolicy::default()));
     first_load(&sync, &config).await?;
 
     let stop = Stop::after(shutdown);
     let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, stop.stopped()));
     let (recorder, access_task) = start_access_log(&config, access_log.clone(), &metrics, &stop);
+    if let (Some(sealer), Some(path)) = (sealer, &config.secrets_key_file) {
+        let trigger = crate::reload::watch(vec![path.clone()], crate::reload::POLL_INTERVAL)
+            .map_err(ServerError::Reload)?;
+        tokio::spawn(crate::secrets::follow(
+            path.clone(),
+            sealer,
+            store.clone(),
+            metrics.clone(),
+            trigger,
+            stop.stopped(),
+        ));
+    }
 
     let decider = Arc::new(Decider::new(DeciderParts {
         engine: Engine {

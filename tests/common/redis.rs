@@ -50,6 +50,11 @@ impl RedisServer {
         server
     }
 
+    /// Where redis-server keeps its append-only file.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
