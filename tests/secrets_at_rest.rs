@@ -19,6 +19,7 @@ use common::{
 };
 use keyfence::grpc::pb::{self, DenyReason};
 use keyfence_policy::signature::sign_hmac;
+use redb::ReadableTable as _;
 
 const KEYS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("keys");
 const CLIENT_IP: &str = "203.0.113.7";
@@ -342,4 +343,340 @@ async fn without_a_key_file_redis_refuses_hmac_keys() {
         refused.message().contains("--secrets-key-file"),
         "{refused:?}"
     );
+}
+
+/// Rewrites the stored record of key `id` in the redb file (the server stopped) with `edit`.
+fn edit_redb_record(data_dir: &Path, id: &str, edit: impl FnOnce(String) -> Option<String>) {
+    let db = redb::Database::open(data_dir.join("keyfence.redb")).expect("open the redb file");
+    let txn = db.begin_write().unwrap();
+    {
+        let mut keys = txn.open_table(KEYS).unwrap();
+        let stored = keys
+            .get(id)
+            .unwrap()
+            .expect("the key is stored")
+            .value()
+            .to_vec();
+        match edit(String::from_utf8(stored).unwrap()) {
+            Some(edited) => keys.insert(id, edited.as_bytes()).unwrap(),
+            None => keys.remove(id).unwrap(),
+        };
+    }
+    txn.commit().unwrap();
+}
+
+/// The sealed value's JSON body, in clear: what a forger would write without the keyring.
+fn body_of(stored: &str) -> String {
+    stored
+        .splitn(4, '.')
+        .nth(3)
+        .expect("a sealed value")
+        .to_owned()
+}
+
+fn revoked_to_active(stored: String) -> String {
+    assert!(stored.contains(r#""status":"revoked""#), "{stored}");
+    stored.replace(r#""status":"revoked""#, r#""status":"active""#)
+}
+
+/// A key with an allowlist and no signature, allowed, then revoked: (id, API key).
+async fn revoked_key(server: &Server) -> (String, String) {
+    let mut admin = server.admin().await;
+    let created = common::create_key(&mut admin, "acme", "production", &["203.0.113.0/24"]).await;
+    let id = created.key.unwrap().id;
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, authorize_request(&created.secret, CLIENT_IP)).await,
+        ALLOW
+    );
+    admin
+        .revoke_key(pb::RevokeKeyRequest { key_id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        decide(&mut authz, authorize_request(&created.secret, CLIENT_IP)).await,
+        denied(DenyReason::KeyRevoked)
+    );
+    (id, created.secret)
+}
+
+/// After a restart on tampered data: the key is denied, the log names it as refused, the metric
+/// counts it, and the admin API does not serve it.
+async fn assert_refused(server: &Server, id: &str, api_key: &str) {
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, authorize_request(api_key, CLIENT_IP)).await,
+        denied(DenyReason::UnknownKey),
+        "a refused record is never used"
+    );
+    log_shows(server, &format!("key {id} refused")).await;
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keyfence_store_records_refused_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    let error = server
+        .admin()
+        .await
+        .get_key(pb::GetKeyRequest { key_id: id.into() })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Internal, "{error:?}");
+}
+
+#[tokio::test]
+async fn a_revoked_key_edited_to_active_in_the_redb_file_stays_denied() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let mut server = Server::start_in(temp.path(), &metrics);
+    let (id, api_key) = revoked_key(&server).await;
+    // Another key, so that the store holds sealed records whatever is done to this one.
+    common::create_key(&mut server.admin().await, "acme", "sandbox", &[]).await;
+    server.kill();
+
+    // The bytes edited in place: the MAC no longer matches.
+    edit_redb_record(&data, &id, |stored| Some(revoked_to_active(stored)));
+    let mut server = Server::start_in(temp.path(), &metrics);
+    assert_refused(&server, &id, &api_key).await;
+    server.kill();
+
+    // The record replaced by the same JSON in clear, as a version before sealing stored it.
+    edit_redb_record(&data, &id, |stored| Some(body_of(&stored)));
+    let mut server = Server::start_in(temp.path(), &metrics);
+    assert_refused(&server, &id, &api_key).await;
+    server.kill();
+
+    // ... and with the sealing marker removed as well, to pass the store off as one from before
+    // sealing: the other key's sealed record gives it away.
+    {
+        let db = redb::Database::open(data.join("keyfence.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("sealing"))
+            .unwrap()
+            .remove("marker")
+            .unwrap()
+            .expect("the store has a sealing marker");
+        txn.commit().unwrap();
+    }
+    let server = Server::start_in(temp.path(), &metrics);
+    assert_refused(&server, &id, &api_key).await;
+    assert!(
+        server.log().contains("sealing marker is missing"),
+        "{}",
+        server.log()
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_key_edited_to_active_in_redis_stays_denied() {
+    let redis = common::redis::RedisServer::start();
+    let temp = tempfile::tempdir().unwrap();
+    let key_file = temp.path().join("secrets.key");
+    secrets_cli(&["add-key", "--secrets-key-file", key_file.to_str().unwrap()]);
+    let args = [
+        "--redis-url",
+        &redis.url(),
+        "--secrets-key-file",
+        key_file.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    let first = Server::start(&args);
+    let (id, api_key) = revoked_key(&first).await;
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let name = format!("keyfence:key:{id}");
+    let stored: String = redis::cmd("GET").arg(&name).query(&mut con).unwrap();
+    let () = redis::cmd("SET")
+        .arg(&name)
+        .arg(revoked_to_active(stored.clone()))
+        .query(&mut con)
+        .unwrap();
+    // A replica that loads the edited record, and the one that wrote it, once it re-reads it.
+    let second = Server::start(&args);
+    assert_refused(&second, &id, &api_key).await;
+    let mut authz = first.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, authorize_request(&api_key, CLIENT_IP)).await,
+        denied(DenyReason::KeyRevoked)
+    );
+
+    // The same JSON in clear: refused as well.
+    let () = redis::cmd("SET")
+        .arg(&name)
+        .arg(body_of(&stored).replace(r#""status":"revoked""#, r#""status":"active""#))
+        .query(&mut con)
+        .unwrap();
+    let third = Server::start(&args);
+    assert_refused(&third, &id, &api_key).await;
+}
+
+/// The store a version before sealing left: one HMAC key in clear.
+fn legacy_record(id: &str, api_key: &str, secret: &[u8]) -> (String, String) {
+    use keyfence_policy::model::{
+        AllowlistEntry, Audit, Enforcement, KeyRecord, KeyStatus, SecretHash, SignatureScheme,
+        UnixMillis,
+    };
+    let audit = Audit {
+        actor: "before-sealing".into(),
+        at: UnixMillis(1_700_000_000_000),
+    };
+    let record = KeyRecord {
+        id: id.parse().unwrap(),
+        partner_id: "acme".parse().unwrap(),
+        environment: "production".parse().unwrap(),
+        name: "legacy".into(),
+        display_prefix: api_key[..12].into(),
+        secret_hash: SecretHash::of(api_key),
+        previous_secret: None,
+        status: KeyStatus::Active,
+        ip_allowlist_enabled: true,
+        enforcement: Enforcement::Enforce,
+        signature: SignatureScheme::HmacSha256 {
+            secret: secret.to_vec(),
+        },
+        rate_limit: None,
+        expires_at: None,
+        created: audit.clone(),
+        updated: audit.clone(),
+    };
+    let entries = vec![AllowlistEntry {
+        cidr: "203.0.113.0/24".parse().unwrap(),
+        description: "office".into(),
+        added: audit,
+        expires_at: None,
+    }];
+    (
+        serde_json::to_string(&record).unwrap(),
+        serde_json::to_string(&entries).unwrap(),
+    )
+}
+
+const LEGACY_API_KEY: &str = "kf_live_legacylegacylegacylegacylegacylegacy12";
+
+#[tokio::test]
+async fn records_stored_in_clear_before_sealing_are_sealed_at_start() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let secret = b"legacy-signing-secret-0123456789".to_vec();
+    let (record, entries) = legacy_record("key_legacy", LEGACY_API_KEY, &secret);
+    {
+        let db = redb::Database::create(data.join("keyfence.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+            .unwrap()
+            .insert("revision", 1)
+            .unwrap();
+        txn.open_table(KEYS)
+            .unwrap()
+            .insert("key_legacy", record.as_bytes())
+            .unwrap();
+        txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("allowlists"))
+            .unwrap()
+            .insert("key/key_legacy", entries.as_bytes())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let legacy = [HmacKey {
+        id: "key_legacy".into(),
+        api_key: LEGACY_API_KEY.into(),
+        secret,
+    }];
+    let before = std::fs::read(data.join("keyfence.redb")).unwrap();
+    assert!(
+        !secrets_in(&before, &legacy).is_empty(),
+        "the search finds a secret in clear"
+    );
+
+    let mut server = Server::start_in(temp.path(), &[]);
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, signed(LEGACY_API_KEY, &legacy[0].secret)).await,
+        ALLOW
+    );
+    assert!(
+        server.log().contains("sealed records written in clear"),
+        "{}",
+        server.log()
+    );
+    server.kill();
+    assert_eq!(mode(&data.join("secrets.key")), 0o600);
+    for (path, bytes) in store_files(&data) {
+        let found = secrets_in(&bytes, &legacy);
+        assert!(found.is_empty(), "{} holds {found:?}", path.display());
+    }
+    let server = Server::start_in(temp.path(), &[]);
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, signed(LEGACY_API_KEY, &legacy[0].secret)).await,
+        ALLOW
+    );
+}
+
+#[tokio::test]
+async fn redis_records_stored_in_clear_before_sealing_are_sealed_at_start() {
+    let redis = common::redis::RedisServer::start();
+    let secret = b"legacy-signing-secret-0123456789".to_vec();
+    let (record, entries) = legacy_record("key_legacy", LEGACY_API_KEY, &secret);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let () = redis::pipe()
+        .set("keyfence:revision", 1)
+        .zadd("keyfence:keys", "key_legacy", 0)
+        .set("keyfence:key:key_legacy", &record)
+        .set("keyfence:list:key/key_legacy", &entries)
+        .ignore()
+        .query(&mut con)
+        .unwrap();
+    let legacy = [HmacKey {
+        id: "key_legacy".into(),
+        api_key: LEGACY_API_KEY.into(),
+        secret,
+    }];
+
+    // Without a key file a replica refuses to start: the store holds an HMAC key.
+    let refused = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--redis-url", &redis.url()])
+        .arg("--data-dir")
+        .arg(tempfile::tempdir().unwrap().path().join("data"))
+        .env_remove("KEYFENCE_SECRETS_KEY_FILE")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("HMAC key key_legacy") && stderr.contains("--secrets-key-file"),
+        "{stderr}"
+    );
+
+    let temp = tempfile::tempdir().unwrap();
+    let key_file = temp.path().join("secrets.key");
+    secrets_cli(&["add-key", "--secrets-key-file", key_file.to_str().unwrap()]);
+    let server = Server::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--secrets-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, signed(LEGACY_API_KEY, &legacy[0].secret)).await,
+        ALLOW
+    );
+    for (name, bytes) in redis_values(&redis.url()) {
+        let found = secrets_in(&bytes, &legacy);
+        assert!(found.is_empty(), "{name} holds {found:?}");
+    }
 }

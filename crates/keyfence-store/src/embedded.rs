@@ -42,6 +42,8 @@ const REVISION: &str = "revision";
 /// How many revisions the change log keeps; a follower further behind reloads everything.
 pub const CHANGE_LOG_LEN: u64 = 10_000;
 const DB_FILE: &str = "keyfence.redb";
+/// A migration writes the sealed store here, then renames it over [`DB_FILE`].
+const FRESH_FILE: &str = "keyfence.redb.sealing";
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -72,23 +74,17 @@ impl EmbeddedStore {
             ))
         })?;
         let path = data_dir.join(DB_FILE);
-        crate::create_private_file(&path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
-        })?;
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        {
-            let mut meta = txn.open_table(META).map_err(unavailable)?;
-            if meta.get(REVISION).map_err(unavailable)?.is_none() {
-                meta.insert(REVISION, 0).map_err(unavailable)?;
-            }
-            txn.open_table(KEYS).map_err(unavailable)?;
-            txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            txn.open_table(CHANGES).map_err(unavailable)?;
+        let fresh = data_dir.join(FRESH_FILE);
+        // What an interrupted migration left; the store itself was not touched by it.
+        let _ = std::fs::remove_file(&fresh);
+        let mut db = open_file(&path)?;
+        if needs_migration(&db, &codec)? {
+            drop(db);
+            seal_into_fresh_file(&path, &fresh, &codec)?;
+            db = open_file(&path)?;
         }
-        let migrating = migration_state(&txn, &codec)?;
-        let report = reseal_all(&txn, &codec, migrating)?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        let report = reseal_all(&txn, &codec, false)?;
         let marker = codec
             .encode_marker(MarkerState::Sealed)?
             .expect("the embedded store always has a keyring");
@@ -97,7 +93,7 @@ impl EmbeddedStore {
             .insert(MARKER, marker.as_slice())
             .map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        report_reseal(&report, migrating);
+        report_reseal(&report, false);
         let revision = read_revision(&db.begin_read().map_err(unavailable)?)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
@@ -457,6 +453,107 @@ fn read_revision(txn: &ReadTransaction) -> StoreResult<u64> {
         .get(REVISION)
         .map_err(unavailable)?
         .map_or(0, |v| v.value()))
+}
+
+/// Opens (or creates, 0600) the redb file at `path` with every table present.
+fn open_file(path: &Path) -> StoreResult<Database> {
+    crate::create_private_file(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
+    let db = Database::create(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let txn = db.begin_write().map_err(unavailable)?;
+    {
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        if meta.get(REVISION).map_err(unavailable)?.is_none() {
+            meta.insert(REVISION, 0).map_err(unavailable)?;
+        }
+        txn.open_table(KEYS).map_err(unavailable)?;
+        txn.open_table(ALLOWLISTS).map_err(unavailable)?;
+        txn.open_table(CHANGES).map_err(unavailable)?;
+        txn.open_table(SEALING).map_err(unavailable)?;
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok(db)
+}
+
+/// Whether the store holds values in clear that it may seal now (see [`migration_state`]).
+fn needs_migration(db: &Database, codec: &Codec) -> StoreResult<bool> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let migrating = migration_state(&txn, codec)?;
+    let mut clear = false;
+    for table in [KEYS, ALLOWLISTS] {
+        for row in txn
+            .open_table(table)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (_, value) = row.map_err(unavailable)?;
+            clear |= !Codec::is_sealed(value.value());
+        }
+    }
+    txn.abort().map_err(unavailable)?;
+    Ok(migrating && clear)
+}
+
+/// Seals a store from before sealing by writing a new file and renaming it over the old one:
+/// redb reuses freed pages but does not wipe them, so sealing in place would leave the secrets
+/// in clear in the file. Interrupted, it leaves the old file as it was.
+fn seal_into_fresh_file(path: &Path, fresh: &Path, codec: &Codec) -> StoreResult<()> {
+    let old = Database::create(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let new = open_file(fresh)?;
+    let read = old.begin_read().map_err(unavailable)?;
+    let txn = new.begin_write().map_err(unavailable)?;
+    {
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        for row in read
+            .open_table(META)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (k, v) = row.map_err(unavailable)?;
+            meta.insert(k.value(), v.value()).map_err(unavailable)?;
+        }
+        let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
+        for row in read
+            .open_table(CHANGES)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (k, v) = row.map_err(unavailable)?;
+            changes.insert(k.value(), v.value()).map_err(unavailable)?;
+        }
+        for table in [KEYS, ALLOWLISTS] {
+            let mut rows = txn.open_table(table).map_err(unavailable)?;
+            for row in read
+                .open_table(table)
+                .map_err(unavailable)?
+                .iter()
+                .map_err(unavailable)?
+            {
+                let (k, v) = row.map_err(unavailable)?;
+                rows.insert(k.value(), v.value()).map_err(unavailable)?;
+            }
+        }
+    }
+    let report = reseal_all(&txn, codec, true)?;
+    txn.commit().map_err(unavailable)?;
+    drop((read, old, new));
+    let moved = std::fs::rename(fresh, path).and_then(|()| {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
+    });
+    moved.map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot replace {} with the sealed store: {e}",
+            path.display()
+        ))
+    })?;
+    report_reseal(&report, true);
+    Ok(())
 }
 
 fn parse_key_id(text: &str) -> StoreResult<KeyId> {
