@@ -19,7 +19,7 @@ use common::{
 };
 use keyfence::grpc::pb::{self, DenyReason};
 use keyfence_policy::signature::sign_hmac;
-use redb::ReadableTable as _;
+use redb::{ReadableDatabase as _, ReadableTable as _};
 
 const KEYS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("keys");
 const CLIENT_IP: &str = "203.0.113.7";
@@ -145,6 +145,21 @@ async fn log_shows(server: &Server, needle: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the log never said {needle:?}:\n{}", server.log());
+}
+
+/// Waits until one line of the server's log contains every one of `needles`.
+async fn log_line_shows(server: &Server, needles: &[&str]) {
+    for _ in 0..200 {
+        if server
+            .log()
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no log line said all of {needles:?}:\n{}", server.log());
 }
 
 fn sighup(server: &Server) {
@@ -679,4 +694,203 @@ async fn redis_records_stored_in_clear_before_sealing_are_sealed_at_start() {
         let found = secrets_in(&bytes, &legacy);
         assert!(found.is_empty(), "{name} holds {found:?}");
     }
+}
+
+/// The ids `keyfence secrets list` prints, the primary first.
+fn key_ids(key_file: &Path) -> Vec<String> {
+    secrets_cli(&["list", "--secrets-key-file", key_file.to_str().unwrap()])
+        .lines()
+        .map(|line| line.split_whitespace().next().unwrap().to_owned())
+        .collect()
+}
+
+/// The keyring key each stored key record is sealed under, read from the redb file.
+fn redb_sealing_keys(data_dir: &Path) -> Vec<String> {
+    let db = redb::Database::open(data_dir.join("keyfence.redb")).unwrap();
+    let txn = db.begin_read().unwrap();
+    let keys = txn.open_table(KEYS).unwrap();
+    keys.iter()
+        .unwrap()
+        .map(|row| {
+            let (_, value) = row.unwrap();
+            let text = String::from_utf8(value.value().to_vec()).unwrap();
+            text.split('.').nth(1).unwrap().to_owned()
+        })
+        .collect()
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+const ALL_RESEALED: &str = "every stored record is sealed under the primary key";
+
+#[tokio::test]
+async fn the_keyring_rotates_without_a_restart() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = temp.path().join("data");
+    let mut server = Server::start_in(temp.path(), &[]);
+    let key_file = data.join("secrets.key");
+    let key = create_hmac_key(&server, "rotating").await;
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, signed(&key.api_key, &key.secret)).await,
+        ALLOW
+    );
+    let old = key_ids(&key_file).remove(0);
+
+    // One server: add and promote at once, then SIGHUP.
+    let new = printed_key_id(&secrets_cli(&[
+        "rotate-key",
+        "--secrets-key-file",
+        key_file.to_str().unwrap(),
+    ]));
+    assert_eq!(key_ids(&key_file), [new.clone(), old.clone()]);
+    assert_eq!(mode(&key_file), 0o600);
+    sighup(&server);
+    log_line_shows(&server, &[ALL_RESEALED, &new]).await;
+    assert_eq!(
+        decide(&mut authz, signed(&key.api_key, &key.secret)).await,
+        ALLOW
+    );
+    let second = create_hmac_key(&server, "after-rotation").await;
+
+    // The old key removed; no signal this time: the server sees the file change by itself.
+    let reloads = count(&server.log(), "secrets key file reloaded");
+    secrets_cli(&[
+        "remove-key",
+        "--secrets-key-file",
+        key_file.to_str().unwrap(),
+        "--id",
+        &old,
+    ]);
+    for _ in 0..100 {
+        if count(&server.log(), "secrets key file reloaded") > reloads {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        count(&server.log(), "secrets key file reloaded") > reloads,
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        decide(&mut authz, signed(&key.api_key, &key.secret)).await,
+        ALLOW
+    );
+    server.kill();
+
+    assert_eq!(redb_sealing_keys(&data), [new.clone(), new.clone()]);
+    let server = Server::start_in(temp.path(), &[]);
+    let mut authz = server.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, signed(&key.api_key, &key.secret)).await,
+        ALLOW
+    );
+    assert_eq!(
+        decide(&mut authz, signed(&second.api_key, &second.secret)).await,
+        ALLOW
+    );
+    assert!(!server.log().contains("refused"), "{}", server.log());
+}
+
+#[tokio::test]
+async fn redis_replicas_rotate_the_keyring_without_a_restart() {
+    let redis = common::redis::RedisServer::start();
+    let temp = tempfile::tempdir().unwrap();
+    // Each replica has its own copy of the key file, as on separate machines.
+    let (file_a, file_b) = (temp.path().join("a.key"), temp.path().join("b.key"));
+    let share = || {
+        std::fs::copy(&file_a, &file_b).unwrap();
+    };
+    let old = printed_key_id(&secrets_cli(&[
+        "add-key",
+        "--secrets-key-file",
+        file_a.to_str().unwrap(),
+    ]));
+    share();
+    let args = |file: &Path| {
+        vec![
+            "--redis-url".to_owned(),
+            redis.url(),
+            "--secrets-key-file".to_owned(),
+            file.display().to_string(),
+        ]
+    };
+    let start = |file: &Path| {
+        let args = args(file);
+        Server::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let a = start(&file_a);
+    let mut b = start(&file_b);
+    let key = create_hmac_key(&a, "shared").await;
+    let both_allow = || async {
+        for server in [&a, &b] {
+            let mut authz = server.authorizer().await;
+            let mut decision = None;
+            for _ in 0..50 {
+                decision = Some(decide(&mut authz, signed(&key.api_key, &key.secret)).await);
+                if decision == Some(ALLOW) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(decision, Some(ALLOW), "{}", server.log());
+        }
+    };
+    both_allow().await;
+
+    // 1. A new key every replica can open, before any seals with it.
+    let new = printed_key_id(&secrets_cli(&[
+        "add-key",
+        "--secrets-key-file",
+        file_a.to_str().unwrap(),
+    ]));
+    share();
+    for server in [&a, &b] {
+        sighup(server);
+        log_shows(server, "secrets key file reloaded").await;
+    }
+    both_allow().await;
+
+    // 2. Promoted everywhere: both re-seal (compare-and-set, so neither undoes the other).
+    secrets_cli(&[
+        "promote-key",
+        "--secrets-key-file",
+        file_a.to_str().unwrap(),
+        "--id",
+        &new,
+    ]);
+    share();
+    for server in [&a, &b] {
+        sighup(server);
+        log_line_shows(server, &[ALL_RESEALED, &new]).await;
+    }
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let stored: String = redis::cmd("GET")
+        .arg(format!("keyfence:key:{}", key.id))
+        .query(&mut con)
+        .unwrap();
+    assert!(stored.starts_with(&format!("kf1.{new}.")), "{stored}");
+    both_allow().await;
+
+    // 3. The old key pruned; a replica restarted on the pruned file reads everything.
+    secrets_cli(&[
+        "remove-key",
+        "--secrets-key-file",
+        file_a.to_str().unwrap(),
+        "--id",
+        &old,
+    ]);
+    share();
+    b.kill();
+    let b = start(&file_b);
+    let mut authz = b.authorizer().await;
+    assert_eq!(
+        decide(&mut authz, signed(&key.api_key, &key.secret)).await,
+        ALLOW
+    );
+    assert!(!b.log().contains("refused"), "{}", b.log());
 }

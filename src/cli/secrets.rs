@@ -77,7 +77,7 @@ pub fn run(command: SecretsCommand) -> Result<(), CliError> {
                 Keyring::single(&id, key).map_err(input)?
             };
             secrets::write(path, &keyring).map_err(input)?;
-            println!("added key {id} (primary: {})", keyring.primary_id());
+            println!("key {id} added (primary: {})", keyring.primary_id());
         }
         SecretsCommand::PromoteKey { file, id } => {
             edit(&file, |keyring| keyring.promote(&id))?;
@@ -93,7 +93,7 @@ pub fn run(command: SecretsCommand) -> Result<(), CliError> {
         }
         SecretsCommand::RemoveKey { file, id } => {
             edit(&file, |keyring| keyring.remove(&id))?;
-            println!("removed key {id}");
+            println!("key {id} removed");
         }
         SecretsCommand::List { file } => {
             let keyring = secrets::load(&file.secrets_key_file).map_err(input)?;
