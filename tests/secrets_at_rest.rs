@@ -300,6 +300,16 @@ async fn the_redb_files_never_hold_a_signing_secret() {
         decide(&mut authz, signed(&keys[1].api_key, &keys[1].secret)).await,
         ALLOW
     );
+
+    // Neither the signing secrets nor the keyring's keys ever reach the log.
+    let log = server.log();
+    assert!(secrets_in(log.as_bytes(), &keys).is_empty(), "{log}");
+    let key_file = std::fs::read_to_string(temp.path().join("data/secrets.key")).unwrap();
+    for line in key_file.lines().filter(|l| !l.starts_with('#')) {
+        let key_hex = line.split_whitespace().nth(1).expect("`<id> <hex>`");
+        assert_eq!(key_hex.len(), 64, "{line}");
+        assert!(!log.contains(key_hex), "{log}");
+    }
 }
 
 #[tokio::test]
