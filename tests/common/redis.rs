@@ -51,6 +51,10 @@ impl RedisServer {
     }
 
     /// Where redis-server keeps its append-only file.
+    #[allow(
+        dead_code,
+        reason = "store_conformance.rs includes this file and needs no files"
+    )]
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }

@@ -408,12 +408,13 @@ impl Sealer {
         self.random
             .fill(&mut nonce)
             .expect("the operating system's random generator failed");
-        let mut in_out = Zeroizing::new(secret.to_vec());
+        // Encrypted in place: the plain copy is overwritten by the ciphertext.
+        let mut in_out = secret.to_vec();
         key.aead
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(Sealer::secret_aad(key_id, &key.id)),
-                &mut *in_out,
+                &mut in_out,
             )
             .expect("ChaCha20-Poly1305 seals any length this small");
         let mut out = nonce.to_vec();
@@ -440,7 +441,7 @@ impl Sealer {
             .open_in_place(
                 nonce,
                 Aad::from(Sealer::secret_aad(key_id, &key.id)),
-                &mut *in_out,
+                &mut in_out,
             )
             .map_err(|_| "its signing secret does not decrypt")?;
         Ok(Zeroizing::new(plain.to_vec()))
