@@ -343,7 +343,11 @@ struct BenchDecider {
 
 fn decider(snapshot: &PolicySnapshot) -> BenchDecider {
     let data_dir = tempfile::tempdir().expect("temp dir");
-    let store = EmbeddedStore::open(data_dir.path()).expect("embedded store");
+    let store = EmbeddedStore::open(
+        data_dir.path(),
+        keyfence_store::sealing::Sealer::ephemeral(),
+    )
+    .expect("embedded store");
     let policy = std::sync::Arc::new(SharedPolicy::default());
     policy.publish(snapshot.clone());
     let decider = Decider::new(DeciderParts {

@@ -155,6 +155,7 @@ async fn full_reload() {
         url: redis.url(),
         namespace: "bench".into(),
         change_log_len: 10_000,
+        sealer: Some(keyfence_store::sealing::Sealer::ephemeral()),
     })
     .unwrap();
     let filling = Instant::now();

@@ -9,6 +9,7 @@ mod client;
 mod keys;
 mod logs;
 mod output;
+mod secrets;
 pub mod sign;
 
 use std::time::{Duration, SystemTime};
@@ -67,6 +68,12 @@ pub enum Command {
     },
     /// Sign a request as a partner must and print the headers to send; needs no server.
     Sign(sign::SignArgs),
+    /// Edit the secrets key file: add, promote, rotate or remove the keys that seal stored
+    /// records (works on the file; running servers reload it).
+    Secrets {
+        #[command(subcommand)]
+        command: secrets::SecretsCommand,
+    },
 }
 
 /// Why an admin command failed.
@@ -121,7 +128,7 @@ pub async fn run_admin(command: Command) -> Result<(), CliError> {
     let plaintext = match &command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Sign(_) => unreachable!("sign is handled by main"),
-        Command::AdminToken { .. } => false,
+        Command::AdminToken { .. } | Command::Secrets { .. } => false,
         Command::Keys { client, .. }
         | Command::Allowlist { client, .. }
         | Command::Check { client, .. }
@@ -135,6 +142,7 @@ pub async fn run_admin(command: Command) -> Result<(), CliError> {
         Command::Allowlist { client, command } => allowlist::run(&client, command).await,
         Command::Check { client, args } => check::run(&client, args).await,
         Command::Logs { client, args } => logs::run(&client, args).await,
+        Command::Secrets { command } => secrets::run(command),
     };
     result.map_err(|error| {
         if plaintext && error.looks_like_tls_mismatch() {

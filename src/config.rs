@@ -128,6 +128,13 @@ pub struct ServeArgs {
     /// so that many replicas share one source of truth.
     #[arg(long, env = "KEYFENCE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// The secrets key file: the keys that encrypt HMAC signing secrets and authenticate every
+    /// stored record (one `<id> <64 hex digits>` a line; the first seals, all open; edit it with
+    /// `keyfence secrets`). Reloaded on SIGHUP and when it changes. Default
+    /// `<data_dir>/secrets.key` with the embedded store, made there (0600) when absent; with
+    /// Redis none, and required once any HMAC key exists: every replica needs the same file.
+    #[arg(long, env = "KEYFENCE_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// Prefix of every Redis key and channel, so several deployments can share one Redis.
     /// Default keyfence.
     #[arg(long, env = "KEYFENCE_REDIS_NAMESPACE")]
@@ -237,6 +244,9 @@ pub struct Config {
     pub detailed_denials_include_allowlist: bool,
     /// `None`: the embedded store in `data_dir`.
     pub redis: Option<RedisConfig>,
+    /// `None` only with Redis, when not configured: records are then stored in clear and no HMAC
+    /// key can be created.
+    pub secrets_key_file: Option<PathBuf>,
     pub sync_interval: Duration,
     pub max_staleness: Option<Duration>,
     pub access_log: AccessLogSettings,
@@ -302,6 +312,7 @@ impl Config {
             detailed_denials,
             detailed_denials_include_allowlist,
             redis_url,
+            secrets_key_file,
             redis_namespace,
             sync_interval_ms,
             max_staleness_ms,
@@ -320,7 +331,7 @@ impl Config {
         let defaults = (Retention::default(), AlertConfig::default());
         let environment_names =
             environments.unwrap_or_else(|| vec!["production".into(), "sandbox".into()]);
-        let config = Config {
+        let mut config = Config {
             listen: listen.unwrap_or(([127, 0, 0, 1], 50051).into()),
             admin_listen: admin_listen.unwrap_or(([127, 0, 0, 1], 50052).into()),
             data_dir: data_dir.unwrap_or_else(|| "keyfence-data".into()),
@@ -365,6 +376,7 @@ impl Config {
                 namespace: redis_namespace.unwrap_or_else(|| "keyfence".into()),
                 nonce_fallback_local: nonce_fallback_local.unwrap_or(false),
             }),
+            secrets_key_file: secrets_key_file.filter(|p| !p.as_os_str().is_empty()),
             sync_interval: Duration::from_millis(sync_interval_ms.unwrap_or(1000)),
             max_staleness: max_staleness_ms.map(Duration::from_millis),
             access_log: AccessLogSettings {
@@ -389,6 +401,9 @@ impl Config {
             metrics_listen,
             otlp_endpoint: otlp_endpoint.filter(|e| !e.is_empty()),
         };
+        if config.secrets_key_file.is_none() && config.redis.is_none() {
+            config.secrets_key_file = Some(config.data_dir.join(crate::secrets::DEFAULT_FILE_NAME));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -554,6 +569,7 @@ impl fmt::Debug for Config {
                     ),
                 },
             )
+            .field("secrets_key_file", &self.secrets_key_file)
             .field("sync_interval_ms", &self.sync_interval.as_millis())
             .field(
                 "max_staleness_ms",
@@ -894,6 +910,36 @@ mod tests {
         let config = Config::resolve(args).unwrap();
         assert_eq!(config.data_dir, std::path::Path::new("/var/lib/keyfence"));
         assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_secrets_key_file_defaults_to_the_data_dir_only_for_the_embedded_store() {
+        let config = Config::resolve(ServeArgs {
+            data_dir: Some("/srv/kf".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            config.secrets_key_file.as_deref(),
+            Some(Path::new("/srv/kf/secrets.key"))
+        );
+        let redis = ServeArgs {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(redis.clone()).unwrap().secrets_key_file,
+            None
+        );
+        let given = Config::resolve(ServeArgs {
+            secrets_key_file: Some("/etc/keyfence/secrets.key".into()),
+            ..redis
+        })
+        .unwrap();
+        assert_eq!(
+            given.secrets_key_file.as_deref(),
+            Some(Path::new("/etc/keyfence/secrets.key"))
+        );
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //! - [`authn`]: who calls the admin plane: named token digests and client certificates.
 //! - [`grpc`]: tonic services; the only place that names generated proto types or `Status`.
 //! - [`config`]: the one configuration struct, from file, environment and flags.
+//! - [`data_dir`]: makes the data directory private (0700, files 0600) at start.
+//! - [`reload`]: SIGHUP and file changes as a reload trigger.
+//! - [`secrets`]: the secrets key file (the keyring that seals stored records) and its reloads.
 //! - [`server`]: wires the above together and runs the listeners.
 //! - [`signing`]: signing as a partner signs (key file formats), for `keyfence sign` and the
 //!   published test vectors.
@@ -26,7 +29,10 @@ pub mod authn;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod data_dir;
 pub mod grpc;
+pub mod reload;
+pub mod secrets;
 pub mod server;
 pub mod signing;
 pub mod sync;

@@ -15,6 +15,7 @@ use keyfence_store::{
     access_log::{AccessLogStore, embedded::EmbeddedAccessLog},
     embedded::EmbeddedStore,
     redis::{CHANGE_LOG_LEN, RedisOptions, RedisStore},
+    sealing::Sealer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
@@ -48,6 +49,12 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    DataDir(#[from] crate::data_dir::DataDirError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
+    #[error("cannot watch for reloads: {0}")]
+    Reload(std::io::Error),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
     #[error("admin credentials: {0}")]
@@ -88,10 +95,13 @@ struct Backends {
     nonces: Nonces,
 }
 
-fn backends(config: &Config) -> Result<Backends, ServerError> {
+fn backends(config: &Config, sealer: Option<Arc<Sealer>>) -> Result<Backends, ServerError> {
     Ok(match &config.redis {
         None => Backends {
-            store: Arc::new(EmbeddedStore::open(&config.data_dir)?),
+            store: Arc::new(EmbeddedStore::open(
+                &config.data_dir,
+                sealer.expect("the embedded store always has a secrets key file"),
+            )?),
             access_log: Arc::new(EmbeddedAccessLog::open(&config.data_dir)?),
             nonces: Nonces::Local(NonceLedger::default()),
         },
@@ -100,6 +110,7 @@ fn backends(config: &Config) -> Result<Backends, ServerError> {
                 url: redis.url.clone(),
                 namespace: redis.namespace.clone(),
                 change_log_len: CHANGE_LOG_LEN,
+                sealer,
             })?;
             let fallback = redis.nonce_fallback_local.then(NonceLedger::default);
             Backends {
@@ -150,6 +161,8 @@ async fn first_load(sync: &PolicySync, config: &Config) -> Result<(), ServerErro
     match sync.full_reload().await {
         Ok(_) => Ok(()),
         Err(error) if config.redis.is_none() => Err(error.into()),
+        // Redis holds what this replica lacks the key file for: no later load can succeed.
+        Err(error @ StoreError::FailedPrecondition(_)) => Err(error.into()),
         Err(error) => {
             tracing::warn!(%error, "cannot load the policy yet; not serving until it loads");
             Ok(())
@@ -261,7 +274,9 @@ fn transport(
         return Ok(Transport::Plaintext);
     };
     let tls = ReloadingTls::load(name, files.clone())?;
-    tokio::spawn(tls.clone().watch(stop.stopped()));
+    let trigger = crate::reload::watch(tls.paths(), crate::reload::POLL_INTERVAL)
+        .map_err(ServerError::Reload)?;
+    tokio::spawn(tls.clone().follow(trigger, stop.stopped()));
     Ok(Transport::Tls(tls))
 }
 
@@ -279,12 +294,18 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    crate::data_dir::prepare(&config.data_dir)?;
     let credentials = admin_credentials(&config)?;
+    let sealer = crate::secrets::open_sealer(
+        config.secrets_key_file.as_deref(),
+        config.redis.is_none(),
+        &OsRandom,
+    )?;
     let Backends {
         store,
         access_log,
         nonces,
-    } = backends(&config)?;
+    } = backends(&config, sealer.clone())?;
     let sync = PolicySync::new(store.clone(), Arc::new(SharedPolicy::default()));
     first_load(&sync, &config).await?;
 
@@ -297,6 +318,18 @@ pub async fn run(
     let sync_task = tokio::spawn(sync.clone().run(config.sync_interval, finished.stopped()));
     let (recorder, access_task) =
         start_access_log(&config, access_log.clone(), &metrics, &finished);
+    if let (Some(sealer), Some(path)) = (sealer, &config.secrets_key_file) {
+        let trigger = crate::reload::watch(vec![path.clone()], crate::reload::POLL_INTERVAL)
+            .map_err(ServerError::Reload)?;
+        tokio::spawn(crate::secrets::follow(
+            path.clone(),
+            sealer,
+            store.clone(),
+            metrics.clone(),
+            trigger,
+            finished.stopped(),
+        ));
+    }
 
     let decider = Arc::new(Decider::new(DeciderParts {
         engine: Engine {

@@ -5,6 +5,10 @@
 //! reloads everything when it cannot prove it saw every revision (the log has a gap). It also
 //! checks the log on a timer, and on demand ([`PolicySync::nudge`]), because notifications can be
 //! lost. One task applies at a time, so snapshots are published in revision order.
+//!
+//! A record the store refuses ([`StoreError::Refused`]: it failed its integrity check) is never
+//! trusted: a refused key is left out of the snapshot (so denied), a refused partner list
+//! allows nothing. Each refusal is logged with the record it names and counted.
 
 use std::{
     collections::HashSet,
@@ -22,7 +26,7 @@ use keyfence_policy::{
     model::{Scope, UnixMillis},
     snapshot::{PolicySnapshot, SharedPolicy},
 };
-use keyfence_store::{ChangesSince, Store, StoreResult};
+use keyfence_store::{ChangesSince, Store, StoreError, StoreResult};
 
 use crate::system::SystemClock;
 
@@ -38,6 +42,7 @@ pub struct PolicySync {
     confirmed_at: AtomicI64,
     full_reloads: AtomicU64,
     resyncs: AtomicU64,
+    refusals: AtomicU64,
 }
 
 /// What one catch-up did.
@@ -59,6 +64,7 @@ impl PolicySync {
             confirmed_at: AtomicI64::new(i64::MIN),
             full_reloads: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
         })
     }
 
@@ -74,6 +80,21 @@ impl PolicySync {
     /// How many times changes were found that no notification had announced.
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// How many times a stored record was refused (failed its integrity check) while loading.
+    pub fn refused_records(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// Logs and counts a record left out because it failed its integrity check.
+    fn refused(&self, scope: &Scope, error: &dyn std::fmt::Display) {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            %scope,
+            %error,
+            "stored record refused: it failed its integrity check and is not used (a key is denied) until it is restored"
+        );
     }
 
     /// How long ago the snapshot was last confirmed against the store; `None` if never.
@@ -96,6 +117,9 @@ impl PolicySync {
     async fn full_reload_locked(&self) -> StoreResult<u64> {
         let started = std::time::Instant::now();
         let state = self.store.load_all().await?;
+        for refusal in &state.refused {
+            self.refused(&refusal.scope, &refusal.message);
+        }
         let snapshot = PolicySnapshot::build(state.revision, state.keys, state.partner_lists);
         let revision = snapshot.revision();
         tracing::info!(
@@ -144,14 +168,26 @@ impl PolicySync {
                 continue;
             }
             match &change.scope {
-                Scope::Key(id) => match self.store.load_key(id).await? {
-                    Some(material) => next.upsert_key(material),
-                    None => {
+                Scope::Key(id) => match self.store.load_key(id).await {
+                    Ok(Some(material)) => next.upsert_key(material),
+                    Ok(None) => {
                         next.remove_key(id);
                     }
+                    Err(error @ StoreError::Refused { .. }) => {
+                        self.refused(&change.scope, &error);
+                        next.remove_key(id);
+                    }
+                    Err(error) => return Err(error),
                 },
                 Scope::Partner(scope) => {
-                    let entries = self.store.load_partner_entries(scope).await?;
+                    let entries = match self.store.load_partner_entries(scope).await {
+                        Ok(entries) => entries,
+                        Err(error @ StoreError::Refused { .. }) => {
+                            self.refused(&change.scope, &error);
+                            Vec::new()
+                        }
+                        Err(error) => return Err(error),
+                    };
                     next.set_partner_entries(scope.clone(), &entries);
                 }
             }

@@ -253,6 +253,7 @@ fn redis() -> (Arc<dyn AccessLogStore>, common::redis::RedisServer) {
         url: server.url(),
         namespace: "access".into(),
         change_log_len: 100,
+        sealer: Some(keyfence_store::sealing::Sealer::ephemeral()),
     })
     .unwrap();
     (store, server)

@@ -13,7 +13,11 @@ use tonic::Code;
 
 fn replica(redis: &RedisServer, extra: &[&str]) -> Server {
     let url = redis.url();
+    // Every replica of one Redis shares one secrets key file, as deployed.
+    let key_file = shared_secrets_key_file(redis.dir());
+    let key_file = key_file.to_str().expect("a UTF-8 temp path");
     let mut args = vec!["--redis-url", url.as_str(), "--redis-namespace", "test"];
+    args.extend(["--secrets-key-file", key_file]);
     if !extra.contains(&"--sync-interval-ms") {
         args.extend(["--sync-interval-ms", "200"]);
     }

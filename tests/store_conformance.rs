@@ -343,7 +343,11 @@ macro_rules! conformance {
 
 fn embedded() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = keyfence_store::embedded::EmbeddedStore::open(&dir.path().join("data")).unwrap();
+    let store = keyfence_store::embedded::EmbeddedStore::open(
+        &dir.path().join("data"),
+        keyfence_store::sealing::Sealer::ephemeral(),
+    )
+    .unwrap();
     (Arc::new(store), dir)
 }
 
@@ -358,6 +362,7 @@ fn redis() -> (Arc<dyn Store>, redis_server::RedisServer) {
         url: server.url(),
         namespace: "conformance".into(),
         change_log_len: 100,
+        sealer: Some(keyfence_store::sealing::Sealer::ephemeral()),
     })
     .unwrap();
     (store, server)
@@ -372,6 +377,7 @@ async fn redis_change_log_reports_a_gap_past_its_length() {
         url: server.url(),
         namespace: "gap".into(),
         change_log_len: 20,
+        sealer: Some(keyfence_store::sealing::Sealer::ephemeral()),
     })
     .unwrap();
     store
@@ -399,6 +405,7 @@ async fn redis_namespaces_do_not_see_each_other() {
             url: server.url(),
             namespace: ns.into(),
             change_log_len: 100,
+            sealer: Some(keyfence_store::sealing::Sealer::ephemeral()),
         })
         .unwrap()
     };
@@ -420,6 +427,7 @@ async fn redis_down_fails_fast_and_recovers() {
         url: server.url(),
         namespace: "down".into(),
         change_log_len: 100,
+        sealer: Some(keyfence_store::sealing::Sealer::ephemeral()),
     })
     .unwrap();
     store
@@ -463,8 +471,9 @@ async fn redis_down_fails_fast_and_recovers() {
 async fn embedded_store_survives_reopen_and_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data");
+    let sealer = keyfence_store::sealing::Sealer::ephemeral();
     {
-        let store = keyfence_store::embedded::EmbeddedStore::open(&path).unwrap();
+        let store = keyfence_store::embedded::EmbeddedStore::open(&path, sealer.clone()).unwrap();
         store
             .insert_key(
                 record("key_a", "acme", "production"),
@@ -472,13 +481,13 @@ async fn embedded_store_survives_reopen_and_is_private() {
             )
             .await
             .unwrap();
-        let second = keyfence_store::embedded::EmbeddedStore::open(&path);
+        let second = keyfence_store::embedded::EmbeddedStore::open(&path, sealer.clone());
         assert!(
             matches!(second, Err(StoreError::Unavailable(_))),
             "a second process may not open the same store"
         );
     }
-    let store = keyfence_store::embedded::EmbeddedStore::open(&path).unwrap();
+    let store = keyfence_store::embedded::EmbeddedStore::open(&path, sealer).unwrap();
     let state = store.load_all().await.unwrap();
     assert_eq!(state.revision, 1);
     assert_eq!(state.keys[0].entries, vec![entry("10.0.0.0/8")]);
@@ -495,9 +504,12 @@ async fn embedded_store_survives_reopen_and_is_private() {
 #[tokio::test]
 async fn embedded_change_log_reports_a_gap_past_its_length() {
     let dir = tempfile::tempdir().unwrap();
-    let store =
-        keyfence_store::embedded::EmbeddedStore::open_with_change_log(&dir.path().join("data"), 20)
-            .unwrap();
+    let store = keyfence_store::embedded::EmbeddedStore::open_with_change_log(
+        &dir.path().join("data"),
+        keyfence_store::sealing::Sealer::ephemeral(),
+        20,
+    )
+    .unwrap();
     store
         .insert_key(record("key_a", "acme", "production"), vec![])
         .await

@@ -17,7 +17,12 @@ fn record(id: &str) -> KeyRecord {
 fn setup(change_log_len: u64) -> (Arc<dyn Store>, Arc<PolicySync>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open_with_change_log(&dir.path().join("d"), change_log_len).unwrap(),
+        EmbeddedStore::open_with_change_log(
+            &dir.path().join("d"),
+            keyfence_store::sealing::Sealer::ephemeral(),
+            change_log_len,
+        )
+        .unwrap(),
     );
     let sync = PolicySync::new(store.clone(), Arc::new(SharedPolicy::default()));
     (store, sync, dir)

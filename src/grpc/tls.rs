@@ -12,7 +12,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
@@ -25,10 +25,10 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 
+use crate::reload::Trigger;
+
 /// How long a client may take to complete the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the certificate files are checked for changes.
-const RELOAD_POLL: Duration = Duration::from_secs(2);
 
 /// The files of one listener's TLS configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,52 +125,27 @@ impl ReloadingTls {
         Ok(())
     }
 
-    fn paths(&self) -> Vec<PathBuf> {
+    /// The files to watch for changes.
+    pub fn paths(&self) -> Vec<PathBuf> {
         let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
         paths.extend(self.files.client_ca.clone());
         paths
     }
 
-    /// Reloads when a file changes or on SIGHUP, until `stop` resolves.
-    pub async fn watch(self: Arc<Self>, stop: impl Future<Output = ()>) {
-        let modified = |paths: &[PathBuf]| -> Vec<Option<SystemTime>> {
-            paths
-                .iter()
-                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-                .collect()
-        };
-        let paths = self.paths();
-        let mut seen = modified(&paths);
-        let mut ticker = tokio::time::interval(RELOAD_POLL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        #[cfg(unix)]
-        let mut hangup =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    /// Reloads whenever `trigger` fires (SIGHUP, or a file changed), until `stop` resolves.
+    pub async fn follow(self: Arc<Self>, mut trigger: Trigger, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         loop {
-            #[cfg(unix)]
-            let hangup_received = async {
-                match hangup.as_mut() {
-                    Some(signal) => {
-                        signal.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let hangup_received = std::future::pending::<()>();
-            let forced = tokio::select! {
+            tokio::select! {
                 _ = &mut stop => return,
-                _ = ticker.tick() => false,
-                _ = hangup_received => true,
-            };
-            let now = modified(&paths);
-            if !forced && now == seen {
-                continue;
-            }
-            seen = now;
-            if let Err(error) = self.reload() {
-                tracing::error!(listener = self.name, %error, "tls reload failed; keeping the previous certificates");
+                fired = trigger.changed() => {
+                    if !fired {
+                        return;
+                    }
+                    if let Err(error) = self.reload() {
+                        tracing::error!(listener = self.name, %error, "tls reload failed; keeping the previous certificates");
+                    }
+                }
             }
         }
     }

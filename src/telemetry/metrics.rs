@@ -64,14 +64,18 @@ pub struct Metrics {
     pub alerts: Counter,
     pub alert_webhook_deliveries: Counter,
     pub alert_webhook_failures: Counter,
+    pub secrets_reloads: Counter,
+    pub secrets_reload_failures: Counter,
     snapshot_keys: Gauge,
     snapshot_entries: Gauge,
     policy_revision: Gauge,
     sync_unconfirmed_seconds: Gauge<f64, AtomicU64>,
     sync_resyncs: Counter,
     sync_full_reloads: Counter,
+    records_refused: Counter,
     seen_resyncs: AtomicU64,
     seen_full_reloads: AtomicU64,
+    seen_records_refused: AtomicU64,
     otel: Option<OtelInstruments>,
 }
 
@@ -200,6 +204,21 @@ impl Metrics {
             "alert_webhook_failures",
             "Alerts the webhook never accepted",
         );
+        let secrets_reloads = counter(
+            registry,
+            "secrets_reloads",
+            "Times the secrets key file was reloaded",
+        );
+        let secrets_reload_failures = counter(
+            registry,
+            "secrets_reload_failures",
+            "Reloads of the secrets key file that failed (the keys in use were kept)",
+        );
+        let records_refused = counter(
+            registry,
+            "store_records_refused",
+            "Stored records refused because they failed their integrity check (a key so refused is denied)",
+        );
         let snapshot_keys = gauge(registry, "snapshot_keys", "Keys in the policy snapshot");
         let snapshot_entries = gauge(
             registry,
@@ -252,14 +271,18 @@ impl Metrics {
             alerts,
             alert_webhook_deliveries,
             alert_webhook_failures,
+            secrets_reloads,
+            secrets_reload_failures,
             snapshot_keys,
             snapshot_entries,
             policy_revision,
             sync_unconfirmed_seconds,
             sync_resyncs,
             sync_full_reloads,
+            records_refused,
             seen_resyncs: AtomicU64::new(0),
             seen_full_reloads: AtomicU64::new(0),
+            seen_records_refused: AtomicU64::new(0),
             otel,
         }
     }
@@ -303,6 +326,9 @@ impl Metrics {
         let before = self.seen_full_reloads.swap(reloads, Ordering::Relaxed);
         self.sync_full_reloads
             .inc_by(reloads.saturating_sub(before));
+        let refused = sync.refused_records();
+        let before = self.seen_records_refused.swap(refused, Ordering::Relaxed);
+        self.records_refused.inc_by(refused.saturating_sub(before));
         self.read_process_stats();
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");

@@ -244,6 +244,26 @@ impl Drop for Server {
     }
 }
 
+/// The secrets key file `dir/secrets.key`, made with `keyfence secrets add-key` when absent: what
+/// Redis replicas share so that they can seal and open HMAC signing secrets.
+pub fn shared_secrets_key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("secrets.key");
+    if !path.exists() {
+        let output = Command::new(BIN)
+            .args(["secrets", "add-key", "--secrets-key-file"])
+            .arg(&path)
+            .env_remove("KEYFENCE_SECRETS_KEY_FILE")
+            .output()
+            .expect("run keyfence secrets add-key");
+        assert!(
+            output.status.success(),
+            "keyfence secrets add-key: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    path
+}
+
 pub fn entry(cidr: &str) -> pb::AllowlistEntryInput {
     pb::AllowlistEntryInput {
         cidr: cidr.into(),

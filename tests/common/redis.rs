@@ -50,6 +50,15 @@ impl RedisServer {
         server
     }
 
+    /// Where redis-server keeps its append-only file.
+    #[allow(
+        dead_code,
+        reason = "store_conformance.rs includes this file and needs no files"
+    )]
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

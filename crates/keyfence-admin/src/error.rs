@@ -154,6 +154,7 @@ impl From<StoreError> for AdminError {
             StoreError::Corrupt(message) => {
                 AdminError::Internal(format!("store data is corrupt: {message}"))
             }
+            refused @ StoreError::Refused { .. } => AdminError::Internal(refused.to_string()),
             StoreError::Rejected(cause) => match cause.downcast::<RuleViolation>() {
                 Ok(violation) => AdminError::from(*violation),
                 Err(other) => {

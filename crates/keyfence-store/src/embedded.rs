@@ -1,11 +1,15 @@
 //! The embedded store: one crash-safe file (redb, copy-on-write B-trees with checksummed,
 //! fsync'd commits) in the data directory, so `keyfence serve` needs nothing else installed.
 //!
-//! Layout: `keys` (key id → JSON record), `allowlists` (scope → JSON entries), `changes`
-//! (revision → JSON scope, the last [`CHANGE_LOG_LEN`] revisions) and `meta` (the revision). Each
-//! mutation is one write transaction that edits the data, bumps the revision and appends to the
-//! change log, so after a crash the file holds either the old state or the new one. redb calls
-//! block, so they run on tokio's blocking pool.
+//! Layout: `keys` (key id → sealed record), `allowlists` (scope → sealed entries), `changes`
+//! (revision → JSON scope, the last [`CHANGE_LOG_LEN`] revisions), `meta` (the revision) and
+//! `sealing` (the sealing marker). Records and allowlists are sealed by [`Codec`] (see
+//! [`crate::sealing`]): the file never holds a signing secret in clear, and a record edited in
+//! it is refused. Each mutation is one write transaction that edits the data, bumps the revision
+//! and appends to the change log, so after a crash the file holds either the old state or the
+//! new one. Opening seals, in one transaction, whatever a version before sealing left in clear,
+//! and re-seals values under keys other than the primary. redb calls block, so they run on
+//! tokio's blocking pool.
 
 use std::{path::Path, sync::Arc};
 
@@ -18,8 +22,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::watch;
 
 use super::{
-    AllowlistEdit, Change, ChangesSince, Committed, FullState, KeyEdit, KeyFilter, KeyPage, Store,
-    StoreError, StoreResult,
+    AllowlistEdit, Change, ChangesSince, Committed, FullState, KeyEdit, KeyFilter, KeyPage,
+    Refusal, ResealReport, Store, StoreError, StoreResult, report_reseal,
+    sealing::{Codec, Location, MarkerState, Resealed, Sealer},
 };
 use keyfence_policy::{
     model::{AllowlistEntry, KeyId, KeyRecord, PartnerScope, Scope},
@@ -30,29 +35,37 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const ALLOWLISTS: TableDefinition<&str, &[u8]> = TableDefinition::new("allowlists");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+const SEALING: TableDefinition<&str, &[u8]> = TableDefinition::new("sealing");
+const MARKER: &str = "marker";
 
 const REVISION: &str = "revision";
 /// How many revisions the change log keeps; a follower further behind reloads everything.
 pub const CHANGE_LOG_LEN: u64 = 10_000;
 const DB_FILE: &str = "keyfence.redb";
+/// A migration writes the sealed store here, then renames it over [`DB_FILE`].
+const FRESH_FILE: &str = "keyfence.redb.sealing";
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    codec: Codec,
     revisions: watch::Sender<u64>,
     change_log_len: u64,
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `data_dir`. Only one process may hold it open.
-    pub fn open(data_dir: &Path) -> StoreResult<EmbeddedStore> {
-        EmbeddedStore::open_with_change_log(data_dir, CHANGE_LOG_LEN)
+    /// Opens (or creates) the store in `data_dir`, sealing with `sealer`. Only one process may
+    /// hold it open.
+    pub fn open(data_dir: &Path, sealer: Arc<Sealer>) -> StoreResult<EmbeddedStore> {
+        EmbeddedStore::open_with_change_log(data_dir, sealer, CHANGE_LOG_LEN)
     }
 
     /// Like [`EmbeddedStore::open`], keeping `change_log_len` revisions of change log.
     pub fn open_with_change_log(
         data_dir: &Path,
+        sealer: Arc<Sealer>,
         change_log_len: u64,
     ) -> StoreResult<EmbeddedStore> {
+        let codec = Codec::new(Some(sealer));
         let change_log_len = change_log_len.max(1);
         create_private_dir(data_dir).map_err(|e| {
             StoreError::Unavailable(format!(
@@ -61,22 +74,30 @@ impl EmbeddedStore {
             ))
         })?;
         let path = data_dir.join(DB_FILE);
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        {
-            let mut meta = txn.open_table(META).map_err(unavailable)?;
-            if meta.get(REVISION).map_err(unavailable)?.is_none() {
-                meta.insert(REVISION, 0).map_err(unavailable)?;
-            }
-            txn.open_table(KEYS).map_err(unavailable)?;
-            txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            txn.open_table(CHANGES).map_err(unavailable)?;
+        let fresh = data_dir.join(FRESH_FILE);
+        // What an interrupted migration left; the store itself was not touched by it.
+        let _ = std::fs::remove_file(&fresh);
+        let mut db = open_file(&path)?;
+        if needs_migration(&db, &codec)? {
+            drop(db);
+            seal_into_fresh_file(&path, &fresh, &codec)?;
+            db = open_file(&path)?;
         }
+        let txn = db.begin_write().map_err(unavailable)?;
+        let report = reseal_all(&txn, &codec, false)?;
+        let marker = codec
+            .encode_marker(MarkerState::Sealed)?
+            .expect("the embedded store always has a keyring");
+        txn.open_table(SEALING)
+            .map_err(unavailable)?
+            .insert(MARKER, marker.as_slice())
+            .map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
+        report_reseal(&report, false);
         let revision = read_revision(&db.begin_read().map_err(unavailable)?)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
+            codec,
             revisions: watch::Sender::new(revision),
             change_log_len,
         })
@@ -137,16 +158,29 @@ impl EmbeddedStore {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn load_all(&self) -> StoreResult<FullState> {
-        self.read(|txn| {
+        let codec = self.codec.clone();
+        self.read(move |txn| {
             let revision = read_revision(txn)?;
             let keys_table = txn.open_table(KEYS).map_err(unavailable)?;
             let lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
             let mut keys = Vec::with_capacity(keys_table.len().map_err(unavailable)? as usize);
+            let mut refused = Vec::new();
             for row in keys_table.iter().map_err(unavailable)? {
-                let (_, value) = row.map_err(unavailable)?;
-                let record: KeyRecord = decode(value.value())?;
-                let entries = read_list(&lists, &Scope::Key(record.id.clone()))?;
-                keys.push(KeyMaterial { record, entries });
+                let (id, value) = row.map_err(unavailable)?;
+                let id = parse_key_id(id.value())?;
+                let scope = Scope::Key(id.clone());
+                let material = codec.decode_key(&id, value.value()).and_then(|record| {
+                    let entries = read_list(&codec, &lists, &scope)?;
+                    Ok(KeyMaterial { record, entries })
+                });
+                match material {
+                    Ok(material) => keys.push(material),
+                    Err(error @ StoreError::Refused { .. }) => refused.push(Refusal {
+                        scope,
+                        message: error.to_string(),
+                    }),
+                    Err(error) => return Err(error),
+                }
             }
             let mut partner_lists = Vec::new();
             for row in lists
@@ -154,13 +188,22 @@ impl Store for EmbeddedStore {
                 .map_err(unavailable)?
             {
                 let (scope_key, value) = row.map_err(unavailable)?;
-                let scope = parse_partner_scope_key(scope_key.value())?;
-                partner_lists.push((scope, decode(value.value())?));
+                let partner = parse_partner_scope_key(scope_key.value())?;
+                let scope = Scope::Partner(partner.clone());
+                match codec.decode_list(&scope, value.value()) {
+                    Ok(entries) => partner_lists.push((partner, entries)),
+                    Err(error @ StoreError::Refused { .. }) => refused.push(Refusal {
+                        scope,
+                        message: error.to_string(),
+                    }),
+                    Err(error) => return Err(error),
+                }
             }
             Ok(FullState {
                 revision,
                 keys,
                 partner_lists,
+                refused,
             })
         })
         .await
@@ -196,14 +239,15 @@ impl Store for EmbeddedStore {
 
     async fn load_key(&self, id: &KeyId) -> StoreResult<Option<KeyMaterial>> {
         let id = id.clone();
+        let codec = self.codec.clone();
         self.read(move |txn| {
             let keys = txn.open_table(KEYS).map_err(unavailable)?;
             let Some(value) = keys.get(id.as_str()).map_err(unavailable)? else {
                 return Ok(None);
             };
-            let record: KeyRecord = decode(value.value())?;
+            let record = codec.decode_key(&id, value.value())?;
             let lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            let entries = read_list(&lists, &Scope::Key(id))?;
+            let entries = read_list(&codec, &lists, &Scope::Key(id))?;
             Ok(Some(KeyMaterial { record, entries }))
         })
         .await
@@ -211,9 +255,10 @@ impl Store for EmbeddedStore {
 
     async fn load_partner_entries(&self, scope: &PartnerScope) -> StoreResult<Vec<AllowlistEntry>> {
         let scope = Scope::Partner(scope.clone());
+        let codec = self.codec.clone();
         self.read(move |txn| {
             let lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            read_list(&lists, &scope)
+            read_list(&codec, &lists, &scope)
         })
         .await
     }
@@ -227,16 +272,17 @@ impl Store for EmbeddedStore {
         record: KeyRecord,
         entries: Vec<AllowlistEntry>,
     ) -> StoreResult<Committed<KeyRecord>> {
+        let codec = self.codec.clone();
         self.write(move |txn| {
             let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
             if keys.get(record.id.as_str()).map_err(unavailable)?.is_some() {
                 return Err(StoreError::AlreadyExists(format!("key {}", record.id)));
             }
-            keys.insert(record.id.as_str(), encode(&record)?.as_slice())
+            keys.insert(record.id.as_str(), codec.encode_key(&record)?.as_slice())
                 .map_err(unavailable)?;
             let scope = Scope::Key(record.id.clone());
             let mut lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            write_list(&mut lists, &scope, &entries)?;
+            write_list(&codec, &mut lists, &scope, &entries)?;
             Ok((record, scope))
         })
         .await
@@ -244,9 +290,10 @@ impl Store for EmbeddedStore {
 
     async fn get_key(&self, id: &KeyId) -> StoreResult<KeyRecord> {
         let id = id.clone();
+        let codec = self.codec.clone();
         self.read(move |txn| {
             let keys = txn.open_table(KEYS).map_err(unavailable)?;
-            read_key(&keys, &id)
+            read_key(&codec, &keys, &id)
         })
         .await
     }
@@ -259,6 +306,7 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<KeyPage> {
         let filter = filter.clone();
         let after = after.cloned();
+        let codec = self.codec.clone();
         self.read(move |txn| {
             let keys = txn.open_table(KEYS).map_err(unavailable)?;
             let rows = match &after {
@@ -272,8 +320,17 @@ impl Store for EmbeddedStore {
             let mut page = Vec::new();
             let mut more = false;
             for row in rows {
-                let (_, value) = row.map_err(unavailable)?;
-                let record: KeyRecord = decode(value.value())?;
+                let (id, value) = row.map_err(unavailable)?;
+                let id = parse_key_id(id.value())?;
+                let record = match codec.decode_key(&id, value.value()) {
+                    Ok(record) => record,
+                    Err(error @ StoreError::Refused { .. }) => {
+                        // Listed by nobody until it is restored; said loudly each time.
+                        tracing::error!(%error, key_id = %id, "stored key record refused");
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 if !filter.matches(&record) {
                     continue;
                 }
@@ -298,11 +355,12 @@ impl Store for EmbeddedStore {
 
     async fn modify_key(&self, id: &KeyId, edit: KeyEdit) -> StoreResult<Committed<KeyRecord>> {
         let id = id.clone();
+        let codec = self.codec.clone();
         self.write(move |txn| {
             let mut keys = txn.open_table(KEYS).map_err(unavailable)?;
-            let mut record = read_key(&keys, &id)?;
+            let mut record = read_key(&codec, &keys, &id)?;
             edit(&mut record)?;
-            keys.insert(id.as_str(), encode(&record)?.as_slice())
+            keys.insert(id.as_str(), codec.encode_key(&record)?.as_slice())
                 .map_err(unavailable)?;
             Ok((record, Scope::Key(id)))
         })
@@ -311,13 +369,14 @@ impl Store for EmbeddedStore {
 
     async fn get_allowlist(&self, scope: &Scope) -> StoreResult<Committed<Vec<AllowlistEntry>>> {
         let scope = scope.clone();
+        let codec = self.codec.clone();
         self.read(move |txn| {
             if let Scope::Key(id) = &scope {
-                read_key(&txn.open_table(KEYS).map_err(unavailable)?, id)?;
+                read_key(&codec, &txn.open_table(KEYS).map_err(unavailable)?, id)?;
             }
             let lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
             Ok(Committed {
-                value: read_list(&lists, &scope)?,
+                value: read_list(&codec, &lists, &scope)?,
                 revision: read_revision(txn)?,
             })
         })
@@ -330,21 +389,40 @@ impl Store for EmbeddedStore {
         edit: AllowlistEdit,
     ) -> StoreResult<Committed<Vec<AllowlistEntry>>> {
         let scope = scope.clone();
+        let codec = self.codec.clone();
         self.write(move |txn| {
             let owner = match &scope {
                 Scope::Key(id) => {
                     let keys = txn.open_table(KEYS).map_err(unavailable)?;
-                    Some(read_key(&keys, id)?)
+                    Some(read_key(&codec, &keys, id)?)
                 }
                 Scope::Partner(_) => None,
             };
             let mut lists = txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            let mut entries = read_list(&lists, &scope)?;
+            let mut entries = read_list(&codec, &lists, &scope)?;
             edit(owner.as_ref(), &mut entries)?;
-            write_list(&mut lists, &scope, &entries)?;
+            write_list(&codec, &mut lists, &scope, &entries)?;
             Ok((entries, scope))
         })
         .await
+    }
+
+    async fn reseal(&self) -> StoreResult<ResealReport> {
+        let db = self.db.clone();
+        let codec = self.codec.clone();
+        let report = blocking(move || {
+            let txn = db.begin_write().map_err(unavailable)?;
+            let report = reseal_all(&txn, &codec, false)?;
+            if report.resealed > 0 {
+                txn.commit().map_err(unavailable)?;
+            } else {
+                txn.abort().map_err(unavailable)?;
+            }
+            Ok(report)
+        })
+        .await?;
+        report_reseal(&report, false);
+        Ok(report)
     }
 }
 
@@ -377,27 +455,144 @@ fn read_revision(txn: &ReadTransaction) -> StoreResult<u64> {
         .map_or(0, |v| v.value()))
 }
 
+/// Opens (or creates, 0600) the redb file at `path` with every table present.
+fn open_file(path: &Path) -> StoreResult<Database> {
+    crate::create_private_file(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
+    let db = Database::create(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let txn = db.begin_write().map_err(unavailable)?;
+    {
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        if meta.get(REVISION).map_err(unavailable)?.is_none() {
+            meta.insert(REVISION, 0).map_err(unavailable)?;
+        }
+        txn.open_table(KEYS).map_err(unavailable)?;
+        txn.open_table(ALLOWLISTS).map_err(unavailable)?;
+        txn.open_table(CHANGES).map_err(unavailable)?;
+        txn.open_table(SEALING).map_err(unavailable)?;
+    }
+    txn.commit().map_err(unavailable)?;
+    Ok(db)
+}
+
+/// Whether the store holds values in clear that it may seal now (see [`migration_state`]).
+fn needs_migration(db: &Database, codec: &Codec) -> StoreResult<bool> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let migrating = migration_state(&txn, codec)?;
+    let mut clear = false;
+    for table in [KEYS, ALLOWLISTS] {
+        for row in txn
+            .open_table(table)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (_, value) = row.map_err(unavailable)?;
+            clear |= !Codec::is_sealed(value.value());
+        }
+    }
+    txn.abort().map_err(unavailable)?;
+    Ok(migrating && clear)
+}
+
+/// Seals a store from before sealing by writing a new file and renaming it over the old one:
+/// redb reuses freed pages but does not wipe them, so sealing in place would leave the secrets
+/// in clear in the file. Interrupted, it leaves the old file as it was.
+fn seal_into_fresh_file(path: &Path, fresh: &Path, codec: &Codec) -> StoreResult<()> {
+    let old = Database::create(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let new = open_file(fresh)?;
+    let read = old.begin_read().map_err(unavailable)?;
+    let txn = new.begin_write().map_err(unavailable)?;
+    {
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        for row in read
+            .open_table(META)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (k, v) = row.map_err(unavailable)?;
+            meta.insert(k.value(), v.value()).map_err(unavailable)?;
+        }
+        let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
+        for row in read
+            .open_table(CHANGES)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (k, v) = row.map_err(unavailable)?;
+            changes.insert(k.value(), v.value()).map_err(unavailable)?;
+        }
+        for table in [KEYS, ALLOWLISTS] {
+            let mut rows = txn.open_table(table).map_err(unavailable)?;
+            for row in read
+                .open_table(table)
+                .map_err(unavailable)?
+                .iter()
+                .map_err(unavailable)?
+            {
+                let (k, v) = row.map_err(unavailable)?;
+                rows.insert(k.value(), v.value()).map_err(unavailable)?;
+            }
+        }
+    }
+    let report = reseal_all(&txn, codec, true)?;
+    txn.commit().map_err(unavailable)?;
+    drop((read, old, new));
+    let moved = std::fs::rename(fresh, path).and_then(|()| {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
+    });
+    moved.map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot replace {} with the sealed store: {e}",
+            path.display()
+        ))
+    })?;
+    report_reseal(&report, true);
+    Ok(())
+}
+
+fn parse_key_id(text: &str) -> StoreResult<KeyId> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("bad key id {text:?}")))
+}
+
+/// The scope a row of `allowlists` belongs to.
+fn parse_scope_key(text: &str) -> StoreResult<Scope> {
+    match text.strip_prefix("key/") {
+        Some(id) => Ok(Scope::Key(parse_key_id(id)?)),
+        None => Ok(Scope::Partner(parse_partner_scope_key(text)?)),
+    }
+}
+
 fn read_key(
+    codec: &Codec,
     keys: &impl ReadableTable<&'static str, &'static [u8]>,
     id: &KeyId,
 ) -> StoreResult<KeyRecord> {
     match keys.get(id.as_str()).map_err(unavailable)? {
-        Some(value) => decode(value.value()),
+        Some(value) => codec.decode_key(id, value.value()),
         None => Err(StoreError::NotFound(format!("key {id}"))),
     }
 }
 
 fn read_list(
+    codec: &Codec,
     lists: &impl ReadableTable<&'static str, &'static [u8]>,
     scope: &Scope,
 ) -> StoreResult<Vec<AllowlistEntry>> {
     match lists.get(scope_key(scope).as_str()).map_err(unavailable)? {
-        Some(value) => decode(value.value()),
+        Some(value) => codec.decode_list(scope, value.value()),
         None => Ok(Vec::new()),
     }
 }
 
 fn write_list(
+    codec: &Codec,
     lists: &mut redb::Table<&'static str, &'static [u8]>,
     scope: &Scope,
     entries: &[AllowlistEntry],
@@ -407,10 +602,108 @@ fn write_list(
         lists.remove(key.as_str()).map_err(unavailable)?;
     } else {
         lists
-            .insert(key.as_str(), encode(&entries)?.as_slice())
+            .insert(key.as_str(), codec.encode_list(scope, entries)?.as_slice())
             .map_err(unavailable)?;
     }
     Ok(())
+}
+
+/// Whether values in clear may be sealed now: only on a store that predates sealing (no marker
+/// and no sealed value) or whose migration was interrupted. A missing marker beside sealed
+/// values means someone removed it, so values in clear stay refused.
+fn migration_state(txn: &WriteTransaction, codec: &Codec) -> StoreResult<bool> {
+    let sealing = txn.open_table(SEALING).map_err(unavailable)?;
+    if let Some(marker) = sealing.get(MARKER).map_err(unavailable)? {
+        return Ok(match codec.decode_marker(marker.value()) {
+            Ok(state) => state == MarkerState::Migrating,
+            Err(error) => {
+                tracing::error!(%error, "the store's sealing marker is refused; values in clear stay refused");
+                false
+            }
+        });
+    }
+    let any_sealed = |table: TableDefinition<&str, &[u8]>| -> StoreResult<bool> {
+        for row in txn
+            .open_table(table)
+            .map_err(unavailable)?
+            .iter()
+            .map_err(unavailable)?
+        {
+            let (_, value) = row.map_err(unavailable)?;
+            if Codec::is_sealed(value.value()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if any_sealed(KEYS)? || any_sealed(ALLOWLISTS)? {
+        tracing::error!(
+            "the store's sealing marker is missing although its records are sealed: it was removed \
+             outside keyfence; values in clear stay refused"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Re-seals, within `txn`, every key record and allowlist that is not sealed under the primary
+/// (and, when `migrating`, seals values in clear). Refused values are left alone and reported.
+fn reseal_all(txn: &WriteTransaction, codec: &Codec, migrating: bool) -> StoreResult<ResealReport> {
+    let mut report = ResealReport::default();
+    let primary = codec
+        .sealer()
+        .expect("the embedded store always has a keyring")
+        .primary_id();
+    for (table, is_keys) in [(KEYS, true), (ALLOWLISTS, false)] {
+        let mut rows = txn.open_table(table).map_err(unavailable)?;
+        let mut replaced = Vec::new();
+        for row in rows.iter().map_err(unavailable)? {
+            let (name, value) = row.map_err(unavailable)?;
+            let location = if is_keys {
+                Location::Key(parse_key_id(name.value())?)
+            } else {
+                Location::List(parse_scope_key(name.value())?)
+            };
+            match codec.reseal(&location, value.value(), migrating) {
+                Ok(Resealed::Current) => {
+                    *report.sealed_under.entry(primary.clone()).or_default() += 1;
+                }
+                Ok(Resealed::Replaced(bytes)) => replaced.push((name.value().to_owned(), bytes)),
+                Err(error @ StoreError::Refused { .. }) => {
+                    if let Some(kid) = Codec::sealed_under(value.value()) {
+                        *report.sealed_under.entry(kid.to_owned()).or_default() += 1;
+                    }
+                    report.refused.push(error.to_string());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        report.resealed += replaced.len();
+        *report.sealed_under.entry(primary.clone()).or_default() += replaced.len();
+        for (name, bytes) in replaced {
+            rows.insert(name.as_str(), bytes.as_slice())
+                .map_err(unavailable)?;
+        }
+    }
+    let mut sealing = txn.open_table(SEALING).map_err(unavailable)?;
+    let marker = sealing
+        .get(MARKER)
+        .map_err(unavailable)?
+        .map(|v| v.value().to_vec());
+    if let Some(marker) = marker {
+        match codec.reseal(&Location::Marker, &marker, false) {
+            Ok(Resealed::Current) => {}
+            Ok(Resealed::Replaced(bytes)) => {
+                sealing
+                    .insert(MARKER, bytes.as_slice())
+                    .map_err(unavailable)?;
+            }
+            // A refused marker is replaced when the store opens next; it holds no record.
+            Err(_) => {}
+        }
+    }
+    report.sealed_under.retain(|_, n| *n > 0);
+    Ok(report)
 }
 
 fn encode<T: Serialize + ?Sized>(value: &T) -> StoreResult<Vec<u8>> {

@@ -16,6 +16,7 @@
 pub mod access_log;
 pub mod embedded;
 pub mod redis;
+pub mod sealing;
 
 use std::time::SystemTime;
 
@@ -52,6 +53,11 @@ pub enum StoreError {
     /// Stored data could not be read back: a bug or a damaged file.
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// A stored record failed its integrity check (edited outside keyfence, moved from another
+    /// record, or sealed under a key the keyring lacks). It is never used: a key so refused is
+    /// denied, a partner list so refused allows nothing.
+    #[error("{what} refused: {reason}")]
+    Refused { what: String, reason: String },
 }
 
 impl StoreError {
@@ -59,6 +65,43 @@ impl StoreError {
     pub fn rejected(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
         StoreError::Rejected(cause.into())
     }
+}
+
+/// Creates `path` empty with mode 0600 when it does not exist, so that a database file the store
+/// opens next is private from its first byte whatever the process's umask (redb would create it
+/// 0644). An existing file is left as it is: the data directory's modes are fixed at start.
+pub(crate) fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Logs what a re-seal pass did.
+pub(crate) fn report_reseal(report: &ResealReport, migrating: bool) {
+    for error in &report.refused {
+        tracing::error!(%error, "stored record refused by the re-seal pass; left as it is");
+    }
+    if migrating && report.resealed > 0 {
+        tracing::warn!(
+            records = report.resealed,
+            "sealed records written in clear before sealing existed"
+        );
+    } else if report.resealed > 0 {
+        tracing::info!(
+            records = report.resealed,
+            "re-sealed records under the primary key"
+        );
+    }
+    tracing::info!(sealed_under = ?report.sealed_under, "stored records by sealing key");
 }
 
 /// Now, for retention cutoffs: the store may read the clock, the policy core may not.
@@ -96,6 +139,29 @@ pub struct FullState {
     pub revision: u64,
     pub keys: Vec<KeyMaterial>,
     pub partner_lists: Vec<(PartnerScope, Vec<AllowlistEntry>)>,
+    /// Records left out because they failed their integrity check ([`StoreError::Refused`]): a
+    /// key whose record or own allowlist was refused is absent from `keys` (so denied), a
+    /// partner list so refused is absent from `partner_lists` (so allows nothing).
+    pub refused: Vec<Refusal>,
+}
+
+/// A record left out of a load, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub scope: Scope,
+    /// The [`StoreError::Refused`] message: names the record and the reason.
+    pub message: String,
+}
+
+/// What a re-seal pass ([`Store::reseal`]) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResealReport {
+    /// Values this pass re-sealed under the primary key (or, migrating, sealed for the first time).
+    pub resealed: usize,
+    /// How many stored values each keyring key seals after the pass, by key id.
+    pub sealed_under: std::collections::BTreeMap<String, usize>,
+    /// Values that failed to open, left as they are (the [`StoreError::Refused`] messages).
+    pub refused: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -181,6 +247,12 @@ pub trait Store: Send + Sync + 'static {
         scope: &Scope,
         edit: AllowlistEdit,
     ) -> StoreResult<Committed<Vec<AllowlistEntry>>>;
+
+    /// Re-seals every stored value that is not sealed under the keyring's primary key, one value
+    /// at a time and compare-and-set, without a new revision (the records do not change). An
+    /// interrupted pass leaves each value sealed under the old key or the new one, both of which
+    /// the keyring still opens; the next pass finishes the work.
+    async fn reseal(&self) -> StoreResult<ResealReport>;
 }
 
 /// Where nonces are remembered when replicas must share them.

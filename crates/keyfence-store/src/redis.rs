@@ -3,7 +3,11 @@
 //! Layout under a namespace prefix `{ns}`: `{ns}:revision` (counter), `{ns}:changes` (sorted set
 //! of `"<revision> <scope JSON>"` scored by revision, the last N), `{ns}:key:<id>` (JSON record),
 //! `{ns}:keys` (sorted set of ids, for paging), `{ns}:list:<scope>` (JSON entries),
-//! `{ns}:partner-scopes` (set of partner list names) and `{ns}:nonce:<fingerprint>`.
+//! `{ns}:partner-scopes` (set of partner list names), `{ns}:sealing` (the sealing marker) and
+//! `{ns}:nonce:<fingerprint>`. With a keyring (`--secrets-key-file`) records and lists are
+//! sealed by [`Codec`] (see [`crate::sealing`]): no Redis value holds a signing secret in clear,
+//! and a value edited in Redis is refused. Without one, values are JSON in clear and an HMAC key
+//! cannot be stored. The first load seals what a version before sealing left in clear.
 //!
 //! Every mutation is read, edit, then one Lua script that checks nothing it read has changed
 //! (compare-and-set), writes, increments the revision, appends to the change log and publishes
@@ -19,14 +23,14 @@ use redis::{
     AsyncCommands, Client, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
-use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, watch};
 use tokio_stream::StreamExt;
 
 use super::{
     AllowlistEdit, Change, ChangesSince, Committed, FullState, KeyEdit, KeyFilter, KeyPage,
-    NonceStore, Store, StoreError, StoreResult,
+    NonceStore, Refusal, ResealReport, Store, StoreError, StoreResult, report_reseal,
+    sealing::{Codec, Location, MarkerState, Resealed, Sealer},
 };
 use keyfence_policy::{
     model::{AllowlistEntry, KeyId, KeyRecord, PartnerScope, Scope},
@@ -81,6 +85,15 @@ redis.call('PUBLISH', ARGV[1], change)
 return revision
 "#;
 
+/// Replaces one value only if it still holds what was read: a re-seal never overwrites an edit.
+const RESEAL: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
 /// Settings for [`RedisStore::connect`].
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -88,6 +101,8 @@ pub struct RedisOptions {
     /// Key prefix, so that several deployments can share one Redis.
     pub namespace: String,
     pub change_log_len: u64,
+    /// The keyring every replica shares; `None` stores records in clear and refuses HMAC keys.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 pub struct RedisStore {
@@ -96,6 +111,10 @@ pub struct RedisStore {
     connection: OnceCell<ConnectionManager>,
     names: Names,
     commit: Script,
+    reseal: Script,
+    codec: Codec,
+    /// Set once the first load has sealed what was in clear (see [`RedisStore::prepare_sealing`]).
+    sealing_ready: OnceCell<()>,
     change_log_len: u64,
     hints: watch::Sender<u64>,
     subscriber: tokio::task::JoinHandle<()>,
@@ -125,6 +144,9 @@ impl Names {
     }
     fn partner_scopes(&self) -> String {
         format!("{}:partner-scopes", self.ns)
+    }
+    fn sealing(&self) -> String {
+        format!("{}:sealing", self.ns)
     }
     fn list(&self, scope: &Scope) -> String {
         format!("{}:list:{}", self.ns, scope_name(scope))
@@ -208,6 +230,9 @@ impl RedisStore {
             connection: OnceCell::new(),
             names,
             commit: Script::new(COMMIT),
+            reseal: Script::new(RESEAL),
+            codec: Codec::new(options.sealer),
+            sealing_ready: OnceCell::new(),
             change_log_len: options.change_log_len.max(1),
             hints,
             subscriber,
@@ -295,7 +320,7 @@ impl RedisStore {
             op: if entries.is_empty() {
                 Op::Del
             } else {
-                Op::Set(encode(&entries)?)
+                Op::Set(self.codec.encode_list(scope, entries)?)
             },
         }];
         if let Scope::Partner(_) = scope {
@@ -311,6 +336,176 @@ impl RedisStore {
             });
         }
         Ok(guarded)
+    }
+}
+
+impl RedisStore {
+    /// Every stored record and list with its Redis key name, and the marker's raw value, read in
+    /// that order (see [`RedisStore::prepare_sealing`]).
+    async fn all_values(&self) -> StoreResult<Vec<(String, Location, Vec<u8>)>> {
+        let mut conn = self.conn().await?;
+        let ids: Vec<String> = conn
+            .zrange(self.names.keys(), 0, -1)
+            .await
+            .map_err(unavailable)?;
+        let scopes: Vec<String> = conn
+            .smembers(self.names.partner_scopes())
+            .await
+            .map_err(unavailable)?;
+        let mut locations = Vec::with_capacity(ids.len() * 2 + scopes.len());
+        for id in ids {
+            let id: KeyId = id
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("bad key id {id:?}")))?;
+            locations.push((self.names.key(&id), Location::Key(id.clone())));
+            let scope = Scope::Key(id);
+            locations.push((self.names.list(&scope), Location::List(scope)));
+        }
+        for name in scopes {
+            let scope = Scope::Partner(parse_partner_scope(&name)?);
+            locations.push((self.names.list(&scope), Location::List(scope)));
+        }
+        let mut out = Vec::with_capacity(locations.len());
+        for chunk in locations.chunks(BATCH) {
+            let names: Vec<String> = chunk.iter().map(|(name, _)| name.clone()).collect();
+            for ((name, location), value) in chunk.iter().zip(mget(&mut conn, &names).await?) {
+                if let Some(value) = value {
+                    out.push((name.clone(), location.clone(), value));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-seals `values` one by one, compare-and-set, and reports what it found.
+    async fn reseal_values(
+        &self,
+        values: Vec<(String, Location, Vec<u8>)>,
+        migrating: bool,
+    ) -> StoreResult<ResealReport> {
+        let mut report = ResealReport::default();
+        let Some(sealer) = self.codec.sealer() else {
+            return Ok(report);
+        };
+        let primary = sealer.primary_id();
+        let mut conn = self.conn().await?;
+        for (name, location, value) in values {
+            match self.codec.reseal(&location, &value, migrating) {
+                Ok(Resealed::Current) => {
+                    *report.sealed_under.entry(primary.clone()).or_default() += 1;
+                }
+                Ok(Resealed::Replaced(bytes)) => {
+                    let swapped: i64 = self
+                        .reseal
+                        .key(&name)
+                        .arg(value.as_slice())
+                        .arg(bytes.as_slice())
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    if swapped == 1 {
+                        report.resealed += 1;
+                        *report.sealed_under.entry(primary.clone()).or_default() += 1;
+                    } else if let Some(kid) = Codec::sealed_under(&value) {
+                        // Written meanwhile by an edit, which sealed under its replica's primary.
+                        *report.sealed_under.entry(kid.to_owned()).or_default() += 1;
+                    }
+                }
+                Err(error @ StoreError::Refused { .. }) => {
+                    if let Some(kid) = Codec::sealed_under(&value) {
+                        *report.sealed_under.entry(kid.to_owned()).or_default() += 1;
+                    }
+                    report.refused.push(error.to_string());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        report.sealed_under.retain(|_, n| *n > 0);
+        Ok(report)
+    }
+
+    /// Once, before the first load: with a keyring, seals what a version before sealing left in
+    /// clear (only on a store with no marker and no sealed value, or whose migration was
+    /// interrupted; a marker removed beside sealed values keeps values in clear refused). Without
+    /// one, refuses a store that needs one.
+    async fn prepare_sealing(&self) -> StoreResult<()> {
+        // Values first, then the marker: a replica migrating meanwhile wrote its marker before
+        // sealing anything, so sealed values without a marker always mean it was removed.
+        let values = self.all_values().await?;
+        let mut conn = self.conn().await?;
+        let marker: Option<Vec<u8>> = conn.get(self.names.sealing()).await.map_err(unavailable)?;
+        if self.codec.sealer().is_none() {
+            if marker.is_some() || values.iter().any(|(_, _, v)| Codec::is_sealed(v)) {
+                return Err(StoreError::FailedPrecondition(
+                    "the Redis store's records are sealed: start keyfence with --secrets-key-file,                      the key file its other replicas use"
+                        .into(),
+                ));
+            }
+            for (_, location, value) in &values {
+                if let Location::Key(id) = location
+                    && let Ok(record) = self.codec.decode_key(id, value)
+                    && matches!(
+                        record.signature,
+                        keyfence_policy::model::SignatureScheme::HmacSha256 { .. }
+                    )
+                {
+                    return Err(StoreError::FailedPrecondition(format!(
+                        "the Redis store holds HMAC key {id}, and HMAC signing secrets are                          encrypted at rest: start every replica with --secrets-key-file (one                          shared key file, made with `keyfence secrets add-key`)"
+                    )));
+                }
+            }
+            tracing::warn!(
+                "no --secrets-key-file: Redis records are stored in clear and not authenticated"
+            );
+            return Ok(());
+        }
+        let migrating = match &marker {
+            Some(bytes) => match self.codec.decode_marker(bytes) {
+                Ok(state) => state == MarkerState::Migrating,
+                Err(error) => {
+                    tracing::error!(%error, "the store's sealing marker is refused; values in clear stay refused");
+                    false
+                }
+            },
+            None if values.iter().any(|(_, _, v)| Codec::is_sealed(v)) => {
+                tracing::error!(
+                    "the store's sealing marker is missing although its records are sealed: it \
+                     was removed outside keyfence; values in clear stay refused"
+                );
+                false
+            }
+            None => {
+                let migrating = self
+                    .codec
+                    .encode_marker(MarkerState::Migrating)?
+                    .expect("a keyring is configured");
+                let _: () = conn
+                    .set(self.names.sealing(), migrating)
+                    .await
+                    .map_err(unavailable)?;
+                true
+            }
+        };
+        let report = self.reseal_values(values, migrating).await?;
+        report_reseal(&report, migrating);
+        if migrating || marker.is_none() {
+            let sealed = self
+                .codec
+                .encode_marker(MarkerState::Sealed)?
+                .expect("a keyring is configured");
+            let _: () = conn
+                .set(self.names.sealing(), sealed)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_sealing_ready(&self) -> StoreResult<()> {
+        self.sealing_ready
+            .get_or_try_init(|| self.prepare_sealing())
+            .await
+            .map(|_| ())
     }
 }
 
@@ -370,6 +565,7 @@ async fn follow_notifications(client: Client, channel: String, hints: watch::Sen
 #[async_trait]
 impl Store for RedisStore {
     async fn load_all(&self) -> StoreResult<FullState> {
+        self.ensure_sealing_ready().await?;
         let mut conn = self.conn().await?;
         // Read the revision first: everything read after it includes at least its changes, and
         // anything newer is in the change log after it, which the follower applies next.
@@ -379,6 +575,7 @@ impl Store for RedisStore {
             .await
             .map_err(unavailable)?;
         let mut keys = Vec::with_capacity(ids.len());
+        let mut refused = Vec::new();
         for chunk in ids.chunks(BATCH) {
             let ids: Vec<KeyId> = chunk
                 .iter()
@@ -394,13 +591,24 @@ impl Store for RedisStore {
             );
             let values: Vec<Option<Vec<u8>>> = mget(&mut conn, &names).await?;
             let (records, lists) = values.split_at(ids.len());
-            for (record, list) in records.iter().zip(lists) {
+            for ((id, record), list) in ids.iter().zip(records).zip(lists) {
                 // A key deleted between the index read and this one is simply skipped.
                 let Some(record) = record else { continue };
-                keys.push(KeyMaterial {
-                    record: decode(record)?,
-                    entries: decode_list(list)?,
+                let scope = Scope::Key(id.clone());
+                let material = self.codec.decode_key(id, record).and_then(|record| {
+                    Ok(KeyMaterial {
+                        record,
+                        entries: self.decode_list(&scope, list)?,
+                    })
                 });
+                match material {
+                    Ok(material) => keys.push(material),
+                    Err(error @ StoreError::Refused { .. }) => refused.push(Refusal {
+                        scope,
+                        message: error.to_string(),
+                    }),
+                    Err(error) => return Err(error),
+                }
             }
         }
         let scope_names: Vec<String> = conn
@@ -418,10 +626,16 @@ impl Store for RedisStore {
                 .map(|s| self.names.list(&Scope::Partner(s.clone())))
                 .collect();
             let values = mget(&mut conn, &names).await?;
-            for (scope, value) in scopes.into_iter().zip(values) {
-                let entries = decode_list(&value)?;
-                if !entries.is_empty() {
-                    partner_lists.push((scope, entries));
+            for (partner, value) in scopes.into_iter().zip(values) {
+                let scope = Scope::Partner(partner.clone());
+                match self.decode_list(&scope, &value) {
+                    Ok(entries) if entries.is_empty() => {}
+                    Ok(entries) => partner_lists.push((partner, entries)),
+                    Err(error @ StoreError::Refused { .. }) => refused.push(Refusal {
+                        scope,
+                        message: error.to_string(),
+                    }),
+                    Err(error) => return Err(error),
                 }
             }
         }
@@ -429,6 +643,7 @@ impl Store for RedisStore {
             revision: revision.unwrap_or(0),
             keys,
             partner_lists,
+            refused,
         })
     }
 
@@ -477,18 +692,19 @@ impl Store for RedisStore {
             return Ok(None);
         };
         Ok(Some(KeyMaterial {
-            record: decode(record)?,
-            entries: decode_list(&values[1])?,
+            record: self.codec.decode_key(id, record)?,
+            entries: self.decode_list(&Scope::Key(id.clone()), &values[1])?,
         }))
     }
 
     async fn load_partner_entries(&self, scope: &PartnerScope) -> StoreResult<Vec<AllowlistEntry>> {
         let mut conn = self.conn().await?;
+        let scope = Scope::Partner(scope.clone());
         let value: Option<Vec<u8>> = conn
-            .get(self.names.list(&Scope::Partner(scope.clone())))
+            .get(self.names.list(&scope))
             .await
             .map_err(unavailable)?;
-        decode_list(&value)
+        self.decode_list(&scope, &value)
     }
 
     fn watch(&self) -> watch::Receiver<u64> {
@@ -505,7 +721,7 @@ impl Store for RedisStore {
             Guarded {
                 key: self.names.key(&record.id),
                 expect: Expect::Absent,
-                op: Op::Set(encode(&record)?),
+                op: Op::Set(self.codec.encode_key(&record)?),
             },
             Guarded {
                 key: self.names.keys(),
@@ -531,7 +747,7 @@ impl Store for RedisStore {
         let mut conn = self.conn().await?;
         let value: Option<Vec<u8>> = conn.get(self.names.key(id)).await.map_err(unavailable)?;
         match value {
-            Some(bytes) => decode(&bytes),
+            Some(bytes) => self.codec.decode_key(id, &bytes),
             None => Err(StoreError::NotFound(format!("key {id}"))),
         }
     }
@@ -559,12 +775,27 @@ impl Store for RedisStore {
                 });
             };
             cursor = format!("({last}");
-            let names: Vec<String> = ids
+            let ids: Vec<KeyId> = ids
                 .iter()
-                .map(|id| format!("{}:key:{id}", self.names.ns))
-                .collect();
-            for value in mget(&mut conn, &names).await?.into_iter().flatten() {
-                let record: KeyRecord = decode(&value)?;
+                .map(|id| {
+                    id.parse()
+                        .map_err(|_| StoreError::Corrupt(format!("bad key id {id:?}")))
+                })
+                .collect::<StoreResult<_>>()?;
+            let names: Vec<String> = ids.iter().map(|id| self.names.key(id)).collect();
+            let values = mget(&mut conn, &names).await?;
+            let batch_len = ids.len();
+            for (id, value) in ids.into_iter().zip(values) {
+                let Some(value) = value else { continue };
+                let record = match self.codec.decode_key(&id, &value) {
+                    Ok(record) => record,
+                    Err(error @ StoreError::Refused { .. }) => {
+                        // Listed by nobody until it is restored; said loudly each time.
+                        tracing::error!(%error, key_id = %id, "stored key record refused");
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 if !filter.matches(&record) {
                     continue;
                 }
@@ -577,7 +808,7 @@ impl Store for RedisStore {
                 }
                 page.push(record);
             }
-            if ids.len() < BATCH {
+            if batch_len < BATCH {
                 return Ok(KeyPage {
                     keys: page,
                     next_after: None,
@@ -594,12 +825,12 @@ impl Store for RedisStore {
             let Some(bytes) = &raw else {
                 return Err(StoreError::NotFound(format!("key {id}")));
             };
-            let mut record: KeyRecord = decode(bytes)?;
+            let mut record = self.codec.decode_key(id, bytes)?;
             edit(&mut record)?;
             let guarded = vec![Guarded {
                 key: name.clone(),
                 expect: expect_of(&raw),
-                op: Op::Set(encode(&record)?),
+                op: Op::Set(self.codec.encode_key(&record)?),
             }];
             if let Some(revision) = self.commit(&Scope::Key(id.clone()), guarded).await? {
                 return Ok(Committed {
@@ -631,7 +862,7 @@ impl Store for RedisStore {
             .transpose()?
             .unwrap_or(0);
         Ok(Committed {
-            value: decode_list(&values[1])?,
+            value: self.decode_list(scope, &values[1])?,
             revision,
         })
     }
@@ -654,7 +885,7 @@ impl Store for RedisStore {
                 let Some(bytes) = &values[1] else {
                     return Err(StoreError::NotFound(format!("key {id}")));
                 };
-                owner = Some(decode(bytes)?);
+                owner = Some(self.codec.decode_key(id, bytes)?);
                 // The key must not change (be revoked) under the edit that read it.
                 guarded.push(Guarded {
                     key: names[1].clone(),
@@ -662,7 +893,7 @@ impl Store for RedisStore {
                     op: Op::Keep,
                 });
             }
-            let mut entries = decode_list(&values[0])?;
+            let mut entries = self.decode_list(scope, &values[0])?;
             edit(owner.as_ref(), &mut entries)?;
             guarded.extend(self.list_ops(scope, &values[0], &entries)?);
             if let Some(revision) = self.commit(scope, guarded).await? {
@@ -675,6 +906,18 @@ impl Store for RedisStore {
         Err(StoreError::Unavailable(format!(
             "{scope} is changing too often to update; try again"
         )))
+    }
+
+    async fn reseal(&self) -> StoreResult<ResealReport> {
+        let mut values = self.all_values().await?;
+        let mut conn = self.conn().await?;
+        let marker: Option<Vec<u8>> = conn.get(self.names.sealing()).await.map_err(unavailable)?;
+        if let Some(marker) = marker {
+            values.push((self.names.sealing(), Location::Marker, marker));
+        }
+        let report = self.reseal_values(values, false).await?;
+        report_reseal(&report, false);
+        Ok(report)
     }
 }
 
@@ -718,19 +961,17 @@ async fn mget(conn: &mut ConnectionManager, names: &[String]) -> StoreResult<Vec
         .map_err(unavailable)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> StoreResult<T> {
-    serde_json::from_slice(bytes).map_err(corrupt)
-}
-
-fn decode_list(raw: &Option<Vec<u8>>) -> StoreResult<Vec<AllowlistEntry>> {
-    match raw {
-        Some(bytes) => decode(bytes),
-        None => Ok(Vec::new()),
+impl RedisStore {
+    fn decode_list(
+        &self,
+        scope: &Scope,
+        raw: &Option<Vec<u8>>,
+    ) -> StoreResult<Vec<AllowlistEntry>> {
+        match raw {
+            Some(bytes) => self.codec.decode_list(scope, bytes),
+            None => Ok(Vec::new()),
+        }
     }
-}
-
-fn encode<T: Serialize + ?Sized>(value: &T) -> StoreResult<Vec<u8>> {
-    serde_json::to_vec(value).map_err(corrupt)
 }
 
 pub(crate) fn unavailable(error: redis::RedisError) -> StoreError {

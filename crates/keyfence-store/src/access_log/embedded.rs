@@ -41,6 +41,9 @@ pub struct EmbeddedAccessLog {
 impl EmbeddedAccessLog {
     pub fn open(data_dir: &Path) -> StoreResult<EmbeddedAccessLog> {
         let path = data_dir.join(FILE);
+        crate::create_private_file(&path).map_err(|e| {
+            StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
+        })?;
         let db = Database::create(&path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(unavailable)?;
