@@ -367,6 +367,7 @@ fn decider(snapshot: &PolicySnapshot) -> BenchDecider {
         access: None,
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .expect("runtime");
     BenchDecider {

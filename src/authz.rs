@@ -149,14 +149,7 @@ impl Decider {
                 max: self.limits.max_inflight,
             });
         };
-        let (decision, now) = tokio::time::timeout(
-            self.limits.decision_timeout,
-            self.decide_unobserved(request, min_revision, mode),
-        )
-        .await
-        .map_err(|_| AuthzError::DeadlineExceeded {
-            timeout_ms: self.limits.decision_timeout.as_millis() as u64,
-        })??;
+        let (decision, now) = self.decide_unobserved(request, min_revision, mode).await?;
         if mode == Mode::Enforce {
             self.metrics
                 .record_decision(origin.frontend, &decision, started.elapsed());
@@ -223,9 +216,17 @@ impl Decider {
                 let ttl = Duration::from_millis(
                     pending.forget_after().0.saturating_sub(now.0).max(1) as u64,
                 );
-                let claimed = store
-                    .claim_nonce(pending.key_id(), pending.nonce(), ttl, mode.consumes())
-                    .await;
+                // The one await a decision may make besides waiting for `min_revision` (which
+                // min_revision_wait bounds, and which must be shorter than the timeout), so the
+                // deadline is set here: a decision that never awaits pays for no timer.
+                let claimed = tokio::time::timeout(
+                    self.limits.decision_timeout,
+                    store.claim_nonce(pending.key_id(), pending.nonce(), ttl, mode.consumes()),
+                )
+                .await
+                .map_err(|_| AuthzError::DeadlineExceeded {
+                    timeout_ms: self.limits.decision_timeout.as_millis() as u64,
+                })?;
                 match (claimed, fallback) {
                     (Ok(fresh), _) => pending.finish(fresh),
                     (Err(error), Some(ledger)) => {

@@ -100,8 +100,9 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED and Check denies (503) at once, never queueing. Default 1024.
     #[arg(long, env = "KEYFENCE_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
-    /// The longest a decision may take, in milliseconds; a slower one answers DEADLINE_EXCEEDED
-    /// (Check: a 503 denial). Must exceed min_revision_wait_ms. Default 3000.
+    /// The longest a decision may wait on the shared nonce store, in milliseconds; a slower one
+    /// answers DEADLINE_EXCEEDED (Check: a 503 denial). The other wait, for min_revision, is
+    /// bounded by min_revision_wait_ms, which must be shorter. Default 3000.
     #[arg(long, env = "KEYFENCE_DECISION_TIMEOUT_MS")]
     pub decision_timeout_ms: Option<u64>,
     /// Log format: `pretty` or `json`. Default pretty.

@@ -8,32 +8,14 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{BIN, Server};
+use common::{BIN, Server, admin_cli, succeeded};
 
 fn cli(server: &Server, dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env(
-            "KEYFENCE_ADMIN_ADDR",
-            format!("http://{}", server.admin_addr),
-        )
-        .env("KEYFENCE_ACTOR", "ci-bot")
-        .env("KEYFENCE_ADMIN_TOKEN_FILE", server.admin_token_file())
-        .env_remove("KEYFENCE_ADMIN_TOKEN")
-        .output()
-        .expect("run keyfence")
+    admin_cli(server, dir, args)
 }
 
 fn stdout(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone()).unwrap()
+    succeeded(output)
 }
 
 /// The shell block after the walkthrough marker in README.md.

@@ -137,32 +137,6 @@ fn create_key(server: &Server, dir: &Path, name: &str, args: &[&str]) -> Output 
     admin_cli(server, dir, &all)
 }
 
-fn admin_cli(server: &Server, dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env(
-            "KEYFENCE_ADMIN_ADDR",
-            format!("http://{}", server.admin_addr),
-        )
-        .env("KEYFENCE_ACTOR", "ci-bot")
-        .env("KEYFENCE_ADMIN_TOKEN_FILE", server.admin_token_file())
-        .env_remove("KEYFENCE_ADMIN_TOKEN")
-        .output()
-        .expect("run keyfence")
-}
-
-fn succeeded(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
 /// `name: value` lines, as `keyfence sign` prints them.
 fn parse_headers(text: &str) -> Vec<(String, String)> {
     text.lines()

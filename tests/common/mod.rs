@@ -264,6 +264,35 @@ pub fn shared_secrets_key_file(dir: &Path) -> PathBuf {
     path
 }
 
+/// Runs the `keyfence` CLI in `dir` against `server`'s admin listener, as `ci-bot`, with the admin
+/// token the server generated.
+pub fn admin_cli(server: &Server, dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env(
+            "KEYFENCE_ADMIN_ADDR",
+            format!("http://{}", server.admin_addr),
+        )
+        .env("KEYFENCE_ACTOR", "ci-bot")
+        .env("KEYFENCE_ADMIN_TOKEN_FILE", server.admin_token_file())
+        .env_remove("KEYFENCE_ADMIN_TOKEN")
+        .output()
+        .expect("run keyfence")
+}
+
+/// A command's stdout, after asserting that it succeeded (showing both streams if not).
+pub fn succeeded(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
 pub fn entry(cidr: &str) -> pb::AllowlistEntryInput {
     pb::AllowlistEntryInput {
         cidr: cidr.into(),
