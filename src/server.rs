@@ -41,7 +41,7 @@ const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}: {source}{}", in_use_hint(source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -54,6 +54,16 @@ pub enum ServerError {
     Credentials(#[from] AuthnError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+/// What to do about an address another process holds, often the `keyfence serve` started first.
+fn in_use_hint(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::AddrInUse {
+        "; is another `keyfence serve` running? Stop it (Ctrl-C), or give this one other \
+         addresses (--listen, --admin-listen)"
+    } else {
+        ""
+    }
 }
 
 /// The bound listeners.
