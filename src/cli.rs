@@ -1,11 +1,16 @@
 //! The `keyfence` command line: `serve`, and the admin commands for people and scripts, which are
 //! clients of the Admin service. Tables by default, `--json` for scripts; errors exit 1 with the
-//! server's message, and `check` exits 2 on DENY.
+//! server's message, and `check` exits 2 on DENY. Beside them: `config check` (validates a `serve`
+//! configuration without starting), `health` (a gRPC health probe, the container HEALTHCHECK) and
+//! `completions` (shell completion scripts).
 
 mod admin_token;
 mod allowlist;
 mod check;
 mod client;
+mod completions;
+mod config_check;
+mod health;
 mod keys;
 mod logs;
 mod output;
@@ -68,6 +73,15 @@ pub enum Command {
         #[command(flatten)]
         args: check::CheckArgs,
     },
+    /// Validate the configuration of `serve` without starting it (for CI and init containers).
+    Config {
+        #[command(subcommand)]
+        command: config_check::ConfigCommand,
+    },
+    /// Ask a listener's gRPC health service whether it is SERVING; exits 0 if so, else 1.
+    Health(health::HealthArgs),
+    /// Print a completion script for bash, zsh or fish.
+    Completions(completions::CompletionsArgs),
 }
 
 /// How a command that ran to its end exits.
@@ -168,6 +182,9 @@ pub async fn run_admin(command: Command) -> Result<Outcome, CliError> {
         Command::Allowlist { client, command } => done(allowlist::run(&client, command).await),
         Command::Check { client, args } => check::run(&client, args).await,
         Command::Logs { client, args } => done(logs::run(&client, args).await),
+        Command::Config { command } => done(config_check::run(command)),
+        Command::Health(args) => done(health::run(args).await),
+        Command::Completions(args) => done(completions::run(args)),
     };
     let Some(addr) = admin_addr else {
         return result;

@@ -1,6 +1,6 @@
 //! The `keyfence` CLI against a real server: the README walkthrough exactly as printed, JSON for
 //! scripts, CSV import, exit statuses, errors that exit non-zero with the server's message (each
-//! cause once, naming the file) and help on every flag.
+//! cause once, naming the file), help on every flag and shell completions.
 
 mod common;
 
@@ -394,13 +394,17 @@ fn errors_name_the_file_and_say_each_cause_once() {
             .output()
             .unwrap()
     };
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &["check", "--key-file", "missing.key", "--ip", "192.0.2.1"],
             "error: cannot read --key-file missing.key: No such file or directory (os error 2)",
         ),
         (
             &["serve", "--config", "missing.toml"],
+            "error: invalid configuration: cannot read config file missing.toml: No such file or directory (os error 2)",
+        ),
+        (
+            &["config", "check", "--config", "missing.toml"],
             "error: invalid configuration: cannot read config file missing.toml: No such file or directory (os error 2)",
         ),
         (
@@ -549,4 +553,48 @@ async fn update_rotate_and_revoke_show_the_last_use_as_get_does() {
             assert_eq!(table_line(&stdout(&run(&args))), get_line, "{args:?}");
         }
     }
+}
+
+#[test]
+fn completions_are_generated_for_bash_zsh_and_fish() {
+    let generate = |shell: &str| {
+        let output = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{shell}: {}", stderr(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let bash = generate("bash");
+    let zsh = generate("zsh");
+    let fish = generate("fish");
+    assert!(zsh.starts_with("#compdef keyfence"), "{zsh}");
+    assert!(fish.contains("complete -c keyfence"), "{fish}");
+    for (shell, script) in [("bash", &bash), ("zsh", &zsh), ("fish", &fish)] {
+        for word in ["allowlist", "completions", "admin-addr", "key-file"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    // Bash loads it and completes keyfence's subcommands.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keyfence.bash"), &bash).unwrap();
+    let completed = Command::new("bash")
+        .args([
+            "-c",
+            "source ./keyfence.bash && COMP_WORDS=(keyfence al) COMP_CWORD=1 COMP_LINE='keyfence al' \
+             COMP_POINT=11 && _keyfence keyfence al keyfence && echo \"${COMPREPLY[*]}\"",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(completed.status.success(), "{}", stderr(&completed));
+    assert_eq!(
+        String::from_utf8_lossy(&completed.stdout).trim(),
+        "allowlist"
+    );
+    let unknown = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
 }
