@@ -1,6 +1,8 @@
 //! What the deployment files rely on, through the real binary: `keyfence config check` accepts
 //! every configuration in `deploy/` and names what is wrong in a bad one; `keyfence health`
-//! (the image's HEALTHCHECK) tells a serving listener from one that is not.
+//! (the image's HEALTHCHECK) tells a serving listener from one that is not; and the container
+//! image's commands are ones the CLI accepts. `scripts/test` adds the checks that need outside
+//! tools: hadolint, kustomize, kubernetes-validate and Envoy's config validation.
 
 mod common;
 
@@ -9,7 +11,9 @@ use std::{
     process::{Command, Output},
 };
 
+use clap::Parser;
 use common::{BIN, Server, pki::Ca};
+use keyfence::cli::Cli;
 
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
 
@@ -280,4 +284,65 @@ fn health_speaks_tls_to_a_tls_listener() {
         "{}",
         text(&output)
     );
+}
+
+/// The Containerfile's instructions, continuation lines joined, comments left out.
+fn instructions(containerfile: &str) -> Vec<String> {
+    let mut all = Vec::new();
+    let mut current = String::new();
+    for line in containerfile.lines().map(str::trim) {
+        if line.starts_with('#') || (line.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                all.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    all
+}
+
+/// The last instruction `name` (the runtime stage's), in exec form, as its argument list.
+fn exec_form(containerfile: &str, name: &str) -> Vec<String> {
+    let instruction = instructions(containerfile)
+        .into_iter()
+        .rev()
+        .find(|i| i.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no {name} in deploy/Containerfile"));
+    let json = &instruction[instruction
+        .find('[')
+        .unwrap_or_else(|| panic!("{name} is not in exec form: {instruction}"))..];
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{name}: {e}: {json}"))
+}
+
+#[test]
+fn the_image_runs_commands_the_cli_accepts() {
+    let containerfile = std::fs::read_to_string(format!("{DEPLOY}/Containerfile")).unwrap();
+    let entrypoint = exec_form(&containerfile, "ENTRYPOINT");
+    let cmd = exec_form(&containerfile, "CMD");
+    let healthcheck = exec_form(&containerfile, "HEALTHCHECK");
+    assert_eq!(entrypoint, ["/usr/local/bin/keyfence"]);
+    assert_eq!(
+        healthcheck[0], "/usr/local/bin/keyfence",
+        "the binary itself"
+    );
+    assert!(
+        containerfile.contains("COPY --from=build /out/keyfence /usr/local/bin/keyfence"),
+        "the binary is where ENTRYPOINT and HEALTHCHECK look"
+    );
+    let serve: Vec<&str> = std::iter::once("keyfence")
+        .chain(cmd.iter().map(String::as_str))
+        .collect();
+    Cli::try_parse_from(&serve).unwrap_or_else(|e| panic!("CMD {cmd:?}: {e}"));
+    let health: Vec<&str> = std::iter::once("keyfence")
+        .chain(healthcheck[1..].iter().map(String::as_str))
+        .collect();
+    Cli::try_parse_from(&health).unwrap_or_else(|e| panic!("HEALTHCHECK {healthcheck:?}: {e}"));
+    assert_eq!(healthcheck[1], "health");
 }
