@@ -63,7 +63,11 @@ fn config_check_accepts_every_config_in_deploy() {
         .iter()
         .map(|p| p.strip_prefix(DEPLOY).unwrap().display().to_string())
         .collect();
-    for expected in ["keyfence.toml"] {
+    for expected in [
+        "keyfence.toml",
+        "kubernetes/overlays/single/keyfence.toml",
+        "kubernetes/overlays/replicated/keyfence.toml",
+    ] {
         assert!(
             names.iter().any(|n| n == expected),
             "{expected} in {names:?}"
