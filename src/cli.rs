@@ -1,18 +1,27 @@
-//! The `keyfence` command line: `serve`; the admin commands for people and scripts, which are
-//! clients of the Admin service (tables by default, `--json` for scripts; errors exit non-zero
-//! with the server's message); and `sign`, the partner's signer, which needs no server.
+//! The `keyfence` command line: `serve`, and the admin commands for people and scripts, which are
+//! clients of the Admin service. Tables by default, `--json` for scripts; errors exit 1 with the
+//! server's message, and `check` exits 2 on DENY. Beside them, needing no server: `sign` (the
+//! partner's signer), `admin-token`, `secrets` (the secrets key file), `config check` (validates a
+//! `serve` configuration without starting), `health` (a gRPC health probe, the container
+//! HEALTHCHECK) and `completions` (shell completion scripts).
 
 mod admin_token;
 mod allowlist;
 mod check;
 mod client;
+mod completions;
+mod config_check;
+mod health;
 mod keys;
 mod logs;
 mod output;
 mod secrets;
 pub mod sign;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
 
 pub use client::ClientOptions;
 
@@ -59,7 +68,8 @@ pub enum Command {
         #[command(flatten)]
         args: logs::LogsArgs,
     },
-    /// Dry-run a decision for a key and an IP ("test this key"); changes nothing.
+    /// Dry-run a decision for a key and an IP ("test this key"); changes nothing. Exits 0 on
+    /// ALLOW, 2 on DENY, 1 on an error.
     Check {
         #[command(flatten)]
         client: ClientOptions,
@@ -74,6 +84,33 @@ pub enum Command {
         #[command(subcommand)]
         command: secrets::SecretsCommand,
     },
+    /// Validate the configuration of `serve` without starting it (for CI and init containers).
+    Config {
+        #[command(subcommand)]
+        command: config_check::ConfigCommand,
+    },
+    /// Ask a listener's gRPC health service whether it is SERVING; exits 0 if so, else 1.
+    Health(health::HealthArgs),
+    /// Print a completion script for bash, zsh or fish.
+    Completions(completions::CompletionsArgs),
+}
+
+/// How a command that ran to its end exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit status 0.
+    Success,
+    /// `check` decided DENY: exit status 2, so that scripts can branch on it.
+    Denied,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::Denied => 2,
+        }
+    }
 }
 
 /// Why an admin command failed.
@@ -82,14 +119,21 @@ pub enum CliError {
     #[error("cannot reach the admin service at {addr}: {error}")]
     Connect {
         addr: String,
+        /// A source, so that what lies under tonic's terse "transport error" is printed too.
+        #[source]
         error: tonic::transport::Error,
     },
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(tonic::Status),
     #[error("{0}")]
     Input(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    /// A local file the command could not read or write, named.
+    #[error("cannot {action} {}: {error}", path.display())]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{error}\nhint: {hint}")]
     Hinted {
         error: Box<CliError>,
@@ -98,6 +142,15 @@ pub enum CliError {
 }
 
 impl CliError {
+    fn file(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CliError {
+        let path = path.to_owned();
+        move |error| CliError::File {
+            action,
+            path,
+            error,
+        }
+    }
+
     /// What a plaintext client sees when the listener speaks TLS: HTTP/2 fails below gRPC.
     fn looks_like_tls_mismatch(&self) -> bool {
         match self {
@@ -123,36 +176,47 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-/// Runs an admin command.
-pub async fn run_admin(command: Command) -> Result<(), CliError> {
-    let plaintext = match &command {
-        Command::Serve(_) => unreachable!("serve is handled by main"),
-        Command::Sign(_) => unreachable!("sign is handled by main"),
-        Command::AdminToken { .. } | Command::Secrets { .. } => false,
+/// Runs every command but `serve`.
+pub async fn run_admin(command: Command) -> Result<Outcome, CliError> {
+    let admin_addr = match &command {
         Command::Keys { client, .. }
         | Command::Allowlist { client, .. }
         | Command::Check { client, .. }
-        | Command::Logs { client, .. } => !client.admin_addr.starts_with("https://"),
+        | Command::Logs { client, .. } => Some(client.admin_addr.clone()),
+        _ => None,
     };
+    let done = |result: Result<(), CliError>| result.map(|()| Outcome::Success);
     let result = match command {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Sign(_) => unreachable!("sign is handled by main"),
-        Command::AdminToken { command } => admin_token::run(command),
-        Command::Keys { client, command } => keys::run(&client, command).await,
-        Command::Allowlist { client, command } => allowlist::run(&client, command).await,
+        Command::Secrets { command } => done(secrets::run(command)),
+        Command::AdminToken { command } => done(admin_token::run(command)),
+        Command::Keys { client, command } => done(keys::run(&client, command).await),
+        Command::Allowlist { client, command } => done(allowlist::run(&client, command).await),
         Command::Check { client, args } => check::run(&client, args).await,
-        Command::Logs { client, args } => logs::run(&client, args).await,
-        Command::Secrets { command } => secrets::run(command),
+        Command::Logs { client, args } => done(logs::run(&client, args).await),
+        Command::Config { command } => done(config_check::run(command)),
+        Command::Health(args) => done(health::run(args).await),
+        Command::Completions(args) => done(completions::run(args)),
     };
-    result.map_err(|error| {
-        if plaintext && error.looks_like_tls_mismatch() {
+    let Some(addr) = admin_addr else {
+        return result;
+    };
+    result.map_err(|error| match error {
+        CliError::Status(status) if status.code() == tonic::Code::Unimplemented => {
+            CliError::Input(format!(
+                "{addr} does not serve keyfence's Admin API (it answered UNIMPLEMENTED): is it \
+                 the data-plane port? The admin listener is the one `keyfence serve` takes as \
+                 --admin-listen, 127.0.0.1:50052 by default"
+            ))
+        }
+        error if !addr.starts_with("https://") && error.looks_like_tls_mismatch() => {
             CliError::Hinted {
                 error: Box::new(error),
                 hint: "if the admin listener uses TLS, use an https:// address with --ca-cert",
             }
-        } else {
-            error
         }
+        error => error,
     })
 }
 

@@ -42,7 +42,7 @@ const LAST_USED_FLUSH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}: {source}{}", in_use_hint(source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -61,6 +61,16 @@ pub enum ServerError {
     Credentials(#[from] AuthnError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+/// What to do about an address another process holds, often the `keyfence serve` started first.
+fn in_use_hint(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::AddrInUse {
+        "; is another `keyfence serve` running? Stop it (Ctrl-C), or give this one other \
+         addresses (--listen, --admin-listen)"
+    } else {
+        ""
+    }
 }
 
 /// The bound listeners.
@@ -367,8 +377,8 @@ pub async fn run(
             requested.await;
             tracing::info!(drain = ?drain, "shutting down: NOT_SERVING, then closing the listeners");
             let _ = ready_tx.send(false);
-            data_health.set_serving(false).await;
-            admin_health.set_serving(false).await;
+            data_health.shutting_down().await;
+            admin_health.shutting_down().await;
             tokio::time::sleep(drain).await;
             let _ = close.send(true);
         }

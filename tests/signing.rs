@@ -755,7 +755,15 @@ async fn detailed_denials_show_the_servers_canonical_string_only_when_on() {
                 "body.bin",
             ],
         );
-        let answer: serde_json::Value = serde_json::from_str(&succeeded(&output)).unwrap();
+        // `check` exits 0 on ALLOW and 2 on DENY; anything else is a failure.
+        let code = output.status.code();
+        assert!(
+            matches!(code, Some(0 | 2)),
+            "exit {code:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(code == Some(2), answer["decision"] == "deny", "{answer}");
         (answer["decision"].clone(), answer["reason"].clone())
     };
     assert_eq!(

@@ -13,6 +13,7 @@ pub struct ScopeArgs {
     /// A partner's allowlist in one environment (applies to all its keys there); needs --env.
     #[arg(long, requires = "environment")]
     partner: Option<String>,
+    /// The environment of the partner's allowlist (with --partner).
     #[arg(long = "env", requires = "partner")]
     environment: Option<String>,
 }
@@ -54,8 +55,10 @@ pub enum AllowlistCommand {
     Replace {
         #[command(flatten)]
         scope: ScopeArgs,
+        /// Addresses or CIDRs; none empties the list.
         #[arg(value_name = "CIDR")]
         cidrs: Vec<String>,
+        /// Why these entries exist.
         #[arg(long, default_value = "")]
         description: String,
         #[command(flatten)]
@@ -65,6 +68,7 @@ pub enum AllowlistCommand {
     Remove {
         #[command(flatten)]
         scope: ScopeArgs,
+        /// The networks to remove, as listed.
         #[arg(required = true, value_name = "CIDR")]
         cidrs: Vec<String>,
     },
@@ -73,8 +77,10 @@ pub enum AllowlistCommand {
     Import {
         #[command(flatten)]
         scope: ScopeArgs,
+        /// The CSV file.
         #[arg(long)]
         file: PathBuf,
+        /// Replace the whole list with the file's entries instead of adding them.
         #[arg(long)]
         replace: bool,
     },

@@ -1,10 +1,11 @@
-//! `keyfence check`: the admin dry run ("test this key").
+//! `keyfence check`: the admin dry run ("test this key"). Exits 0 on ALLOW (report-only
+//! included), 2 on DENY.
 
 use std::path::PathBuf;
 
 use serde_json::json;
 
-use super::{CliError, ClientOptions, output};
+use super::{CliError, ClientOptions, Outcome, output};
 use crate::grpc::pb;
 
 #[derive(Debug, clap::Args)]
@@ -24,12 +25,16 @@ pub struct CheckArgs {
     /// Base64 signature, to test a signed request too.
     #[arg(long, requires = "timestamp")]
     signature: Option<String>,
+    /// Unix seconds the request was signed at (with --signature).
     #[arg(long)]
     timestamp: Option<i64>,
+    /// The request's nonce, if it was signed with one (a dry run never consumes it).
     #[arg(long, default_value = "")]
     nonce: String,
+    /// The signed request's HTTP method.
     #[arg(long, default_value = "GET")]
     method: String,
+    /// The signed request's path and query.
     #[arg(long, default_value = "/")]
     path: String,
     /// A file with the request body.
@@ -37,12 +42,25 @@ pub struct CheckArgs {
     body_file: Option<PathBuf>,
 }
 
-pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<(), CliError> {
+/// The reasons decided before the IP allowlist is looked at: with them, whether the IP would
+/// pass is unknown, not "not allowed".
+const DECIDED_BEFORE_THE_IP_CHECK: [pb::DenyReason; 5] = [
+    pb::DenyReason::InvalidClientIp,
+    pb::DenyReason::UnknownKey,
+    pb::DenyReason::KeyDisabled,
+    pb::DenyReason::KeyRevoked,
+    pb::DenyReason::KeyExpired,
+];
+
+pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<Outcome, CliError> {
     let key = match (&args.key, &args.key_file, &args.key_id) {
         (Some(secret), _, _) => pb::check_access_request::Key::ApiKey(secret.clone()),
-        (None, Some(path), _) => {
-            pb::check_access_request::Key::ApiKey(std::fs::read_to_string(path)?.trim().to_owned())
-        }
+        (None, Some(path), _) => pb::check_access_request::Key::ApiKey(
+            std::fs::read_to_string(path)
+                .map_err(CliError::file("read --key-file", path))?
+                .trim()
+                .to_owned(),
+        ),
         (None, None, Some(id)) => pb::check_access_request::Key::KeyId(id.clone()),
         (None, None, None) => {
             return Err(CliError::Input(
@@ -58,7 +76,9 @@ pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<(), CliError
             method: args.method.clone(),
             path: args.path.clone(),
             body: match &args.body_file {
-                Some(path) => std::fs::read(path)?,
+                Some(path) => {
+                    std::fs::read(path).map_err(CliError::file("read --body-file", path))?
+                }
                 None => Vec::new(),
             },
         }),
@@ -73,13 +93,18 @@ pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<(), CliError
         })
         .await?
         .into_inner();
-    let decision = if r.decision == pb::Decision::Allow as i32 {
-        "ALLOW"
+    let allowed = r.decision == pb::Decision::Allow as i32;
+    let decision = if allowed { "ALLOW" } else { "DENY" };
+    let outcome = if allowed {
+        Outcome::Success
     } else {
-        "DENY"
+        Outcome::Denied
     };
     let reason =
         (r.reason != pb::DenyReason::Unspecified as i32).then(|| output::reason_name(r.reason));
+    let ip_checked = !DECIDED_BEFORE_THE_IP_CHECK
+        .iter()
+        .any(|before| r.reason == *before as i32);
     if client.json {
         output::print_json(&json!({
             "decision": decision.to_ascii_lowercase(),
@@ -88,12 +113,12 @@ pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<(), CliError
             "key_id": r.key_id,
             "partner_id": r.partner_id,
             "environment": r.environment,
-            "ip_allowed": r.ip_allowed,
+            "ip_allowed": ip_checked.then_some(r.ip_allowed),
             "matched_scope": (!r.matched_scope.is_empty()).then_some(&r.matched_scope),
             "matched_entry": r.matched_entry.as_ref().map(output::entry_json),
             "policy_revision": r.policy_revision,
         }));
-        return Ok(());
+        return Ok(outcome);
     }
     let mut lines = vec![("decision", decision.to_owned())];
     if let Some(reason) = reason {
@@ -113,10 +138,10 @@ pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<(), CliError
         format!(
             "{} ({})",
             args.ip,
-            if r.ip_allowed {
-                "allowed"
-            } else {
-                "not allowed"
+            match (ip_checked, r.ip_allowed) {
+                (false, _) => "not checked",
+                (true, true) => "allowed",
+                (true, false) => "not allowed",
             }
         ),
     ));
@@ -135,5 +160,5 @@ pub async fn run(client: &ClientOptions, args: CheckArgs) -> Result<(), CliError
     }
     lines.push(("revision", r.policy_revision.to_string()));
     output::fields(&lines);
-    Ok(())
+    Ok(outcome)
 }

@@ -112,46 +112,13 @@ impl ClientOptions {
 
     /// TLS as the address says; TLS options with a plaintext address are a mistake to name.
     fn tls(&self, addr: &str) -> Result<Option<ClientTlsConfig>, CliError> {
-        let tls_flags = [
-            ("--ca-cert", self.ca_cert.is_some()),
-            ("--client-cert", self.client_cert.is_some()),
-            ("--client-key", self.client_key.is_some()),
-        ];
-        if !addr.starts_with("https://") {
-            if let Some((flag, _)) = tls_flags.iter().find(|(_, given)| *given) {
-                return Err(CliError::Input(format!(
-                    "{flag} needs an https:// admin address; {addr} is plaintext"
-                )));
-            }
-            return Ok(None);
-        }
-        let mut tls = ClientTlsConfig::new();
-        match &self.ca_cert {
-            Some(path) => {
-                tls = tls.ca_certificate(Certificate::from_pem(read_pem("--ca-cert", path)?))
-            }
-            None => {
-                return Err(CliError::Input(format!(
-                    "{addr} uses TLS: give --ca-cert (or KEYFENCE_CA_CERT) with the CA that issued the server's certificate"
-                )));
-            }
-        }
-        match (&self.client_cert, &self.client_key) {
-            (Some(cert), Some(key)) => {
-                tls = tls.identity(Identity::from_pem(
-                    read_pem("--client-cert", cert)?,
-                    read_pem("--client-key", key)?,
-                ));
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(CliError::Input("--client-cert needs --client-key".into()));
-            }
-            (None, Some(_)) => {
-                return Err(CliError::Input("--client-key needs --client-cert".into()));
-            }
-        }
-        Ok(Some(tls))
+        tls_config(
+            "admin address",
+            addr,
+            self.ca_cert.as_deref(),
+            self.client_cert.as_deref(),
+            self.client_key.as_deref(),
+        )
     }
 
     pub async fn connect(&self) -> Result<Admin, CliError> {
@@ -204,4 +171,53 @@ impl ClientOptions {
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024))
     }
+}
+
+/// The TLS an address (`what` names it in errors) asks for: none for `http://` (and then TLS options are a mistake to name),
+/// server verification against `ca_cert` for `https://`, and a client certificate when given.
+pub(super) fn tls_config(
+    what: &str,
+    addr: &str,
+    ca_cert: Option<&Path>,
+    client_cert: Option<&Path>,
+    client_key: Option<&Path>,
+) -> Result<Option<ClientTlsConfig>, CliError> {
+    let tls_flags = [
+        ("--ca-cert", ca_cert.is_some()),
+        ("--client-cert", client_cert.is_some()),
+        ("--client-key", client_key.is_some()),
+    ];
+    if !addr.starts_with("https://") {
+        if let Some((flag, _)) = tls_flags.iter().find(|(_, given)| *given) {
+            return Err(CliError::Input(format!(
+                "{flag} needs an https:// {what}; {addr} is plaintext"
+            )));
+        }
+        return Ok(None);
+    }
+    let mut tls = ClientTlsConfig::new();
+    match ca_cert {
+        Some(path) => tls = tls.ca_certificate(Certificate::from_pem(read_pem("--ca-cert", path)?)),
+        None => {
+            return Err(CliError::Input(format!(
+                "{addr} uses TLS: give --ca-cert (or KEYFENCE_CA_CERT) with the CA that issued the server's certificate"
+            )));
+        }
+    }
+    match (client_cert, client_key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(
+                read_pem("--client-cert", cert)?,
+                read_pem("--client-key", key)?,
+            ));
+        }
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(CliError::Input("--client-cert needs --client-key".into()));
+        }
+        (None, Some(_)) => {
+            return Err(CliError::Input("--client-key needs --client-cert".into()));
+        }
+    }
+    Ok(Some(tls))
 }

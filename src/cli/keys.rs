@@ -16,19 +16,28 @@ pub enum KeysCommand {
     Create(CreateArgs),
     /// List keys, optionally of one partner or environment.
     List {
+        /// Only this partner's keys.
         #[arg(long)]
         partner: Option<String>,
+        /// Only keys in this environment (production, sandbox, …).
         #[arg(long = "env")]
         environment: Option<String>,
     },
     /// Show one key.
-    Get { key_id: String },
+    Get {
+        /// The key's id (key_…).
+        key_id: String,
+    },
     /// Change a key's name, status, allowlist switch, enforcement, expiry or rate limit.
     Update(UpdateArgs),
     /// Revoke a key for good.
-    Revoke { key_id: String },
+    Revoke {
+        /// The key's id (key_…).
+        key_id: String,
+    },
     /// Issue a new secret; the old one keeps working for --grace.
     Rotate {
+        /// The key's id (key_…).
         key_id: String,
         /// How long the old secret keeps working (0s, 30m, 24h, up to 30d).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
@@ -54,10 +63,13 @@ pub enum EnforcementArg {
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
+    /// The partner the key belongs to (its id, like acme).
     #[arg(long)]
     partner: String,
+    /// The environment the key works in (production, sandbox, or another configured one).
     #[arg(long = "env")]
     environment: String,
+    /// A name for people: what the key is for.
     #[arg(long)]
     name: String,
     /// Let the key be used from any IP (no allowlist). Off by default.
@@ -99,16 +111,21 @@ pub struct CreateArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct UpdateArgs {
+    /// The key's id (key_…).
     key_id: String,
+    /// A new name.
     #[arg(long)]
     name: Option<String>,
+    /// Make a disabled key work again.
     #[arg(long, conflicts_with = "disable")]
     enable: bool,
+    /// Stop the key working until --enable (revoke is for good; this is not).
     #[arg(long)]
     disable: bool,
     /// Turn the IP allowlist on or off.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     ip_allowlist: Option<bool>,
+    /// Enforce the IP allowlist, or only report what it would deny.
     #[arg(long, value_enum)]
     enforcement: Option<EnforcementArg>,
     /// Requests per second per replica with optional burst (100/200); 0 removes the limit.
@@ -144,7 +161,7 @@ fn parse_rate_limit(text: &str) -> Result<pb::RateLimit, String> {
 pub fn read_public_key(path: &PathBuf) -> Result<Vec<u8>, CliError> {
     use base64::Engine as _;
     use ed25519_dalek::pkcs8::DecodePublicKey as _;
-    let bytes = std::fs::read(path)?;
+    let bytes = std::fs::read(path).map_err(CliError::file("read --public-key-file", path))?;
     if bytes.len() == 32 {
         return Ok(bytes);
     }
@@ -207,16 +224,17 @@ pub fn create_private_file(path: &Path, replace: bool) -> Result<std::fs::File, 
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(CliError::file("restrict the mode of", path))?;
     }
     Ok(file)
 }
 
-fn write_all(mut file: std::fs::File, contents: &str) -> Result<(), CliError> {
+fn write_all(mut file: std::fs::File, path: &Path, contents: &str) -> Result<(), CliError> {
     use std::io::Write;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    Ok(())
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(CliError::file("write", path))
 }
 
 /// The Ed25519 key pair `--private-key-out` asks for: the private key is written first (so that
@@ -224,23 +242,57 @@ fn write_all(mut file: std::fs::File, contents: &str) -> Result<(), CliError> {
 fn generate_key_pair(path: &Path, replace: bool) -> Result<Vec<u8>, CliError> {
     let file = create_private_file(path, replace)?;
     let private_key = signing::generate_ed25519(&OsRandom);
-    write_all(file, &signing::private_key_pem(&private_key))?;
+    write_all(file, path, &signing::private_key_pem(&private_key))?;
     Ok(private_key.verifying_key().to_bytes().to_vec())
 }
 
-/// Writes a secret readable by the owner only.
-pub fn write_secret(path: &PathBuf, secret: &str) -> Result<(), CliError> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+/// The file a secret will be written to, opened before the request that mints the secret: a path
+/// that cannot be written fails before a secret exists that nobody could read. What it held is
+/// kept until the secret is written, and a file made for a secret that never came is removed.
+pub struct SecretFile {
+    path: PathBuf,
+    file: std::fs::File,
+    created: bool,
+    written: bool,
+}
+
+impl SecretFile {
+    pub fn open(path: &Path) -> Result<SecretFile, CliError> {
+        let created = !path.exists();
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options
+            .open(path)
+            .map_err(CliError::file("write the secret to", path))?;
+        Ok(SecretFile {
+            path: path.to_owned(),
+            file,
+            created,
+            written: false,
+        })
     }
-    let mut file = options.open(path)?;
-    file.write_all(secret.as_bytes())?;
-    Ok(())
+
+    pub fn write(mut self, secret: &str) -> Result<(), CliError> {
+        use std::io::Write;
+        self.written = true;
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.write_all(secret.as_bytes()))
+            .map_err(CliError::file("write the secret to", &self.path))
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        if self.created && !self.written {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), CliError> {
@@ -282,6 +334,11 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                 (None, Some(path)) => generate_key_pair(path, args.force)?,
                 (None, None) => Vec::new(),
             };
+            let secret_file = args
+                .secret_file
+                .as_deref()
+                .map(SecretFile::open)
+                .transpose()?;
             let request = pb::CreateKeyRequest {
                 partner_id: args.partner,
                 environment: args.environment,
@@ -323,11 +380,11 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                 }
             };
             let key = response.key.unwrap_or_default();
-            if let Some(path) = &args.secret_file {
-                write_secret(path, &response.secret)?;
+            if let Some(file) = secret_file {
+                file.write(&response.secret)?;
             }
-            if let Some(file) = signing_secret_file {
-                write_all(file, &response.signing_secret)?;
+            if let (Some(file), Some(path)) = (signing_secret_file, &args.signing_secret_file) {
+                write_all(file, path, &response.signing_secret)?;
             }
             let shown_signing_secret = (!response.signing_secret.is_empty()
                 && args.signing_secret_file.is_none())
@@ -449,6 +506,7 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
         } => {
             let grace_period_seconds = u32::try_from(grace.as_secs())
                 .map_err(|_| CliError::Input("--grace is too long".into()))?;
+            let file = secret_file.as_deref().map(SecretFile::open).transpose()?;
             let response = admin
                 .rotate_key(pb::RotateKeyRequest {
                     key_id,
@@ -456,8 +514,8 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                 })
                 .await?
                 .into_inner();
-            if let Some(path) = &secret_file {
-                write_secret(path, &response.secret)?;
+            if let Some(file) = file {
+                file.write(&response.secret)?;
             }
             let key = response.key.unwrap_or_default();
             if client.json {

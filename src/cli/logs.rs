@@ -28,6 +28,7 @@ pub struct LogsArgs {
     /// Only records since then: RFC 3339, or a duration ago (15m, 24h).
     #[arg(long, value_parser = parse_since)]
     since: Option<SystemTime>,
+    /// Output format (--json is the same as --format json).
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
 }
@@ -133,7 +134,9 @@ pub async fn run(client: &ClientOptions, args: LogsArgs) -> Result<(), CliError>
                     ])
                     .map_err(csv_error)?;
             }
-            writer.flush()?;
+            writer
+                .flush()
+                .map_err(|e| CliError::Input(format!("cannot write CSV: {e}")))?;
         }
         Format::Table => {
             let rows: Vec<Vec<String>> = entries

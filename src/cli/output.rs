@@ -236,3 +236,19 @@ pub fn entries(entries: &[pb::AllowlistEntry], revision: u64, as_json: bool) {
     );
     println!("{} entries, revision {revision}", entries.len());
 }
+
+/// Writes `text` to stdout. A reader that went away (`keyfence completions bash | head`) is not
+/// an error, and no write failure is a panic.
+pub fn print_text(text: &str) -> Result<(), super::CliError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(
+            super::CliError::Input(format!("cannot write to stdout: {error}")),
+        ),
+        _ => Ok(()),
+    }
+}

@@ -33,6 +33,7 @@ pub enum SecretsCommand {
     PromoteKey {
         #[command(flatten)]
         file: KeyFileArgs,
+        /// The id of the key to make the primary (`keyfence secrets list` shows the ids).
         #[arg(long)]
         id: String,
     },
@@ -47,6 +48,7 @@ pub enum SecretsCommand {
     RemoveKey {
         #[command(flatten)]
         file: KeyFileArgs,
+        /// The id of the key to remove; never the primary, and only once no record needs it.
         #[arg(long)]
         id: String,
     },

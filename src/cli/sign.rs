@@ -105,7 +105,9 @@ pub fn run(args: SignArgs) -> Result<(), CliError> {
         None => (Vec::new(), BodySource::None),
         Some(path) if path.as_os_str() == "-" => {
             let mut body = Vec::new();
-            std::io::stdin().read_to_end(&mut body)?;
+            std::io::stdin()
+                .read_to_end(&mut body)
+                .map_err(CliError::file("read the body from", Path::new("stdin")))?;
             (body, BodySource::Stdin)
         }
         Some(path) => (

@@ -210,7 +210,7 @@ impl AdminRpc for AdminService {
             .await
             .map_err(admin)?;
         Ok(Response::new(pb::UpdateKeyResponse {
-            key: Some(convert::api_key(&committed.value)),
+            key: Some(api_key(&self.admin.written_key_view(committed.value).await)),
             revision: committed.revision,
         }))
     }
@@ -227,7 +227,7 @@ impl AdminRpc for AdminService {
             .await
             .map_err(admin)?;
         Ok(Response::new(pb::RevokeKeyResponse {
-            key: Some(convert::api_key(&committed.value)),
+            key: Some(api_key(&self.admin.written_key_view(committed.value).await)),
             revision: committed.revision,
         }))
     }
@@ -245,7 +245,9 @@ impl AdminRpc for AdminService {
             .await
             .map_err(admin)?;
         Ok(Response::new(pb::RotateKeyResponse {
-            key: Some(convert::api_key(&rotated.value.record)),
+            key: Some(api_key(
+                &self.admin.written_key_view(rotated.value.record).await,
+            )),
             secret: rotated.value.secret,
             revision: rotated.revision,
         }))

@@ -64,8 +64,10 @@ pub enum GrpcError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// One listener's `grpc.health.v1.Health`: it reports the services that listener serves, and the
-/// whole server ("").
+/// One listener's `grpc.health.v1.Health`: it reports the services that listener serves (SERVING
+/// once the policy has loaded: readiness), and the process as a whole under "" (SERVING from the
+/// start until shutdown: liveness, so that an orchestrator does not restart a replica that waits
+/// for its store).
 #[derive(Clone)]
 pub struct PlaneHealth {
     reporter: HealthReporter,
@@ -99,10 +101,17 @@ impl PlaneHealth {
         } else {
             ServingStatus::NotServing
         };
-        self.reporter.set_service_status("", status).await;
         for name in self.services {
             self.reporter.set_service_status(*name, status).await;
         }
+    }
+
+    /// Shutdown has begun: everything, the process included, is NOT_SERVING.
+    pub async fn shutting_down(&self) {
+        self.set_serving(false).await;
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
     }
 }
 

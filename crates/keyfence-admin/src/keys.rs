@@ -184,6 +184,21 @@ impl Admin {
         Ok(views.pop().expect("one view per record"))
     }
 
+    /// A key a command just wrote, with its last use as [`Admin::get_key`] shows it. The write
+    /// has committed, so a last use that cannot be read is left out (and logged), never reported
+    /// as the write's failure.
+    pub async fn written_key_view(&self, record: KeyRecord) -> KeyView {
+        let ids = [record.id.clone()];
+        let last_use = match self.parts.access_log.last_used(&ids).await {
+            Ok(mut uses) => uses.pop().flatten(),
+            Err(error) => {
+                tracing::warn!(key_id = %record.id, %error, "cannot read the key's last use");
+                None
+            }
+        };
+        KeyView { record, last_use }
+    }
+
     pub async fn list_keys(&self, query: KeyQuery) -> AdminResult<KeysPage> {
         let limit = page_size(Field::PageSize, query.page_size)?;
         let page = self
