@@ -51,11 +51,11 @@ use keyfence_policy::{
 };
 use keyfence_store::access_log::Frontend;
 
-use super::decision_io::{MAX_API_KEY_BYTES, MAX_NONCE_BYTES, record_decision};
+use super::decision_io::{
+    FieldProblem, check_api_key, check_method, check_nonce, check_path, check_signature,
+    record_decision,
+};
 use crate::{authz::Decider, system::SystemClock};
-
-/// A base64 Ed25519 signature is 88 characters; anything this long is not a signature.
-pub const MAX_SIGNATURE_BYTES: usize = 512;
 
 /// Headers the upstream must not see: the credential and the signature it was checked with.
 const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "x-signature", "x-timestamp", "x-nonce"];
@@ -227,10 +227,15 @@ fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
         (None, None) => return Err(Denial::KeyMissing),
     };
     let key_header = match key_from {
-        KeyHeader::ApiKey => "x-api-key",
-        KeyHeader::Bearer => "authorization",
+        KeyHeader::ApiKey => "x-api-key header",
+        KeyHeader::Bearer => "authorization header",
     };
-    within(key_header, key, MAX_API_KEY_BYTES)?;
+    field(key_header, check_api_key(key))?;
+    // Method and path are logged whether or not the request is signed.
+    if let Some(http) = http {
+        field("request method", check_method(&http.method))?;
+        field("request path", check_path(&http.path))?;
+    }
 
     let peer = attributes
         .and_then(|a| a.source.as_ref())
@@ -264,9 +269,9 @@ fn signed_request<'a>(
     headers: &Headers<'a>,
     http: &'a HttpRequest,
 ) -> Result<SignedRequest<'a>, Denial> {
-    within("x-signature", signature, MAX_SIGNATURE_BYTES)?;
+    field("x-signature header", check_signature(signature))?;
     let nonce = headers.get("x-nonce").unwrap_or("");
-    within("x-nonce", nonce, MAX_NONCE_BYTES)?;
+    field("x-nonce header", check_nonce(nonce))?;
     // A missing or malformed timestamp is no timestamp: 0, which the window rejects.
     let timestamp = headers
         .get("x-timestamp")
@@ -288,25 +293,28 @@ fn signed_request<'a>(
     })
 }
 
-/// Whether `seen` bytes are the whole body. With `with_request_body` Envoy always says whether it
-/// truncated (`x-envoy-auth-partial-body`, a header it never takes from the client). Without it,
-/// a request that announces a body (a non-zero content-length, or chunked) had one we never saw.
-/// A body that is neither announced nor forwarded (HTTP/2 without content-length, when Envoy
-/// buffers no body) cannot be told apart from none: configure `with_request_body` for signing keys.
+/// Whether `seen` bytes are the whole body, from what the request announced (a content-length, or
+/// chunked) against what Envoy forwarded. `x-envoy-auth-partial-body` can only take completeness
+/// away, never grant it: Envoy writes it only when it buffered a body (`with_request_body`), and
+/// otherwise the header is whatever the client sent. So its `true` means truncated, and its
+/// `false` proves nothing the lengths do not. A body that is neither announced nor forwarded
+/// (HTTP/2 without content-length, when Envoy buffers no body) cannot be told apart from none:
+/// configure `with_request_body` for signing keys.
 fn body_complete(headers: &Headers<'_>, seen: usize) -> bool {
-    let content_length = headers.get("content-length");
-    let length_matches = |length: &str| length.parse::<u64>().ok() == u64::try_from(seen).ok();
-    match headers.get("x-envoy-auth-partial-body") {
-        Some(partial) => partial == "false" && content_length.is_none_or(length_matches),
-        None => match content_length {
-            Some(length) => length_matches(length),
-            None => {
-                let chunked = headers
-                    .get("transfer-encoding")
-                    .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-                !chunked || seen > 0
-            }
-        },
+    if headers
+        .get("x-envoy-auth-partial-body")
+        .is_some_and(|partial| partial != "false")
+    {
+        return false;
+    }
+    match headers.get("content-length") {
+        Some(length) => length.parse::<u64>().ok() == u64::try_from(seen).ok(),
+        None => {
+            let chunked = headers
+                .get("transfer-encoding")
+                .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+            !chunked || seen > 0
+        }
     }
 }
 
@@ -317,11 +325,12 @@ fn bearer(authorization: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-fn within(header: &'static str, value: &str, max: usize) -> Result<(), Denial> {
-    if value.len() > max {
-        return Err(Denial::HeaderTooLong { header, max });
-    }
-    Ok(())
+/// A field check's failure as the denial Check answers with (`INVALID_REQUEST` when detailed).
+fn field(name: &'static str, check: Result<(), FieldProblem>) -> Result<(), Denial> {
+    check.map_err(|problem| Denial::InvalidRequest {
+        field: name,
+        problem,
+    })
 }
 
 /// Envoy's header map: names lower-cased, repeated headers joined with commas.

@@ -7,6 +7,9 @@ use envoy_types::pb::envoy::{
 };
 
 use super::*;
+use crate::grpc::decision_io::{
+    MAX_API_KEY_BYTES, MAX_METHOD_BYTES, MAX_NONCE_BYTES, MAX_PATH_BYTES, MAX_SIGNATURE_BYTES,
+};
 use keyfence_policy::{
     fixtures::{entry, record},
     snapshot::{KeyMaterial, PolicySnapshot},
@@ -113,17 +116,19 @@ fn oversized_headers_are_refused_naming_the_header() {
     let request = check_request("203.0.113.7", &[("x-api-key", &long_key)]);
     assert_eq!(
         read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "x-api-key",
-            max: MAX_API_KEY_BYTES
+        Denial::InvalidRequest {
+            field: "x-api-key header",
+            problem: FieldProblem::TooLong {
+                max: MAX_API_KEY_BYTES
+            }
         }
     );
     let bearer = format!("Bearer {long_key}");
     let request = check_request("203.0.113.7", &[("authorization", &bearer)]);
     assert!(matches!(
         read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "authorization",
+        Denial::InvalidRequest {
+            field: "authorization header",
             ..
         }
     ));
@@ -138,8 +143,8 @@ fn oversized_headers_are_refused_naming_the_header() {
     );
     assert!(matches!(
         read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "x-nonce",
+        Denial::InvalidRequest {
+            field: "x-nonce header",
             ..
         }
     ));
@@ -150,11 +155,87 @@ fn oversized_headers_are_refused_naming_the_header() {
     );
     assert!(matches!(
         read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "x-signature",
+        Denial::InvalidRequest {
+            field: "x-signature header",
             ..
         }
     ));
+}
+
+#[test]
+fn oversized_or_ambiguous_method_path_and_nonce_are_refused() {
+    let with_http = |method: &str, path: &str, nonce: &str| {
+        let mut request = check_request(
+            "203.0.113.7",
+            &[
+                ("x-api-key", "k"),
+                ("x-signature", "c2ln"),
+                ("x-nonce", nonce),
+            ],
+        );
+        let http = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.method = method.into();
+        http.path = path.into();
+        read(&request).err()
+    };
+    let long_path = format!("/{}", "a".repeat(MAX_PATH_BYTES));
+    assert_eq!(
+        with_http("GET", &long_path, "n"),
+        Some(Denial::InvalidRequest {
+            field: "request path",
+            problem: FieldProblem::TooLong {
+                max: MAX_PATH_BYTES
+            }
+        })
+    );
+    assert_eq!(
+        with_http("GET", "/a\nGET\n/b", "n"),
+        Some(Denial::InvalidRequest {
+            field: "request path",
+            problem: FieldProblem::ControlCharacter
+        })
+    );
+    assert_eq!(
+        with_http("GET", "/", "n\n1"),
+        Some(Denial::InvalidRequest {
+            field: "x-nonce header",
+            problem: FieldProblem::ControlCharacter
+        })
+    );
+    for method in ["GE T", "GET\n", "G/T", &"M".repeat(MAX_METHOD_BYTES + 1)] {
+        assert!(
+            matches!(
+                with_http(method, "/", "n"),
+                Some(Denial::InvalidRequest {
+                    field: "request method",
+                    ..
+                })
+            ),
+            "{method:?}"
+        );
+    }
+    assert_eq!(with_http("PATCH", "/v1/x?a=b", "n-1"), None);
+    // Bad input denies as INVALID_REQUEST when detailed, opaquely otherwise.
+    let denial = with_http("GET", &long_path, "n").unwrap();
+    let detailed = denial.respond(denial::DenialDetail::Detailed {
+        include_allowlist: false,
+    });
+    assert_eq!(detailed.http_status, 401);
+    assert!(
+        detailed.body.contains("\"code\":\"INVALID_REQUEST\""),
+        "{}",
+        detailed.body
+    );
+    assert!(detailed.body.len() < 300, "the body does not echo the path");
+    assert_eq!(
+        denial.respond(denial::DenialDetail::Opaque).body,
+        r#"{"code":401,"msg":"Unauthorized"}"#
+    );
 }
 
 #[test]
@@ -250,6 +331,22 @@ fn a_body_envoy_did_not_forward_whole_is_not_complete() {
             ("x-envoy-auth-partial-body", "true")
         ],
         b"body"
+    ));
+    // A client-sent "false" vouches for nothing: without with_request_body Envoy forwards the
+    // client's header as it is.
+    assert!(!complete(
+        &[
+            ("transfer-encoding", "chunked"),
+            ("x-envoy-auth-partial-body", "false")
+        ],
+        b""
+    ));
+    assert!(!complete(
+        &[
+            ("content-length", "12"),
+            ("x-envoy-auth-partial-body", "false")
+        ],
+        b""
     ));
     // Lengths that disagree are not trusted either way.
     assert!(!complete(
