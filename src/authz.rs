@@ -3,6 +3,8 @@
 //! [`keyfence_admin::Decisions`]). This is the one decision path production runs, and the one the
 //! decision benchmark measures.
 
+pub mod journal;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -10,7 +12,7 @@ use keyfence_policy::{
     clock::Clock,
     decision::{AuthzRequest, Decision, Engine, Evaluation, Mode},
     model::UnixMillis,
-    nonce::NonceLedger,
+    nonce::{NonceLedger, fingerprint},
 };
 use keyfence_store::{NonceStore, access_log::Frontend};
 
@@ -46,8 +48,14 @@ pub enum AuthzError {
 
 /// Where nonces are remembered.
 pub enum Nonces {
-    /// In this process: enough for one replica.
+    /// In this process only: forgotten on restart (benchmarks).
     Local(NonceLedger),
+    /// In this process, and journaled before a request is allowed so that a restart does not
+    /// reopen the window (the embedded store).
+    Durable {
+        ledger: NonceLedger,
+        journal: journal::Journal,
+    },
     /// Shared by every replica (Redis). When it cannot be reached, a request with a nonce is
     /// refused, unless `fallback` (a per-replica ledger) is configured.
     Shared {
@@ -187,6 +195,21 @@ impl Decider {
         };
         let decision = match &self.nonces {
             Nonces::Local(ledger) => pending.settle_locally(ledger),
+            Nonces::Durable { ledger, journal } => {
+                let consume = mode.consumes();
+                let (key, nonce) = (pending.key_id().clone(), pending.nonce());
+                let fresh = ledger.claim(&key, nonce, pending.forget_after(), now, consume);
+                if fresh && consume {
+                    let entry = (fingerprint(&key, nonce), pending.forget_after());
+                    if let Err(error) = journal.record(entry).await {
+                        // Refused: the nonce must stay fresh for the retry.
+                        ledger.release(&key, nonce);
+                        pending.abandon();
+                        return Err(AuthzError::NonceStoreUnavailable(error));
+                    }
+                }
+                pending.finish(fresh)
+            }
             Nonces::Shared { store, fallback } => {
                 let ttl = Duration::from_millis(
                     pending.forget_after().0.saturating_sub(now.0).max(1) as u64,
@@ -201,6 +224,9 @@ impl Decider {
                         pending.settle_locally(ledger)
                     }
                     (Err(error), None) => {
+                        // Refused without a verdict: the request gives back its rate-limit place,
+                        // and the store withdraws a claim that may have landed after all.
+                        pending.abandon();
                         return Err(AuthzError::NonceStoreUnavailable(error.to_string()));
                     }
                 }
