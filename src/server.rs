@@ -14,13 +14,14 @@ use keyfence_store::{
     Store, StoreError,
     access_log::{AccessLogStore, embedded::EmbeddedAccessLog},
     embedded::EmbeddedStore,
+    nonce_log::NonceJournal,
     redis::{CHANGE_LOG_LEN, RedisOptions, RedisStore},
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     access::{self, AccessLogConfig, AccessRecorder},
-    authz::{Decider, DeciderParts, Nonces},
+    authz::{Decider, DeciderParts, Nonces, journal::Journal},
     config::Config,
     grpc::{
         auth::AdminAuth,
@@ -84,11 +85,20 @@ struct Backends {
 
 fn backends(config: &Config) -> Result<Backends, ServerError> {
     Ok(match &config.redis {
-        None => Backends {
-            store: Arc::new(EmbeddedStore::open(&config.data_dir)?),
-            access_log: Arc::new(EmbeddedAccessLog::open(&config.data_dir)?),
-            nonces: Nonces::Local(NonceLedger::default()),
-        },
+        None => {
+            let store = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+            let ledger = NonceLedger::default();
+            let journal = Journal::start(
+                NonceJournal::open(&config.data_dir)?,
+                &ledger,
+                Arc::new(SystemClock),
+            )?;
+            Backends {
+                store,
+                access_log: Arc::new(EmbeddedAccessLog::open(&config.data_dir)?),
+                nonces: Nonces::Durable { ledger, journal },
+            }
+        }
         Some(redis) => {
             let store = RedisStore::connect(RedisOptions {
                 url: redis.url.clone(),
@@ -153,6 +163,7 @@ fn start_access_log(
         access_log,
         AccessLogConfig {
             queue_capacity: config.access_log.queue_capacity,
+            queue_max_bytes: config.access_log.queue_max_bytes,
             retention: config.access_log.retention,
             last_used_flush: LAST_USED_FLUSH,
             alerts: config.access_log.alerts.clone(),
@@ -223,6 +234,7 @@ pub async fn run(
     let decider = Arc::new(Decider::new(DeciderParts {
         engine: Engine {
             signature_window_secs: config.signature_window.as_secs() as i64,
+            require_nonce: config.require_nonce,
         },
         clock: Arc::new(SystemClock),
         sync: sync.clone(),
