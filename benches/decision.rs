@@ -356,6 +356,7 @@ fn decider(snapshot: &PolicySnapshot) -> BenchDecider {
         sync: PolicySync::new(std::sync::Arc::new(store), policy),
         nonces: Nonces::Local(NonceLedger::default()),
         min_revision_wait: Duration::from_secs(2),
+        min_revision_max_waiters: 256,
         max_staleness: None,
         metrics: std::sync::Arc::new(Metrics::new(None)),
         access: None,

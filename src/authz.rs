@@ -36,8 +36,12 @@ pub struct Origin<'a> {
 pub enum AuthzError {
     #[error("policy not loaded yet")]
     NotLoaded,
-    #[error("policy revision {wanted} not reached (at {current})")]
-    RevisionNotReached { wanted: u64, current: u64 },
+    /// The replica's own revision is not said: data-plane callers learn only what they asked.
+    #[error("policy revision {wanted} not reached")]
+    RevisionNotReached { wanted: u64 },
+    /// As many calls as allowed are already waiting for a revision.
+    #[error("too many requests are waiting for a policy revision; retry later")]
+    TooManyWaiting,
     #[error(
         "policy not confirmed against the store for {unconfirmed_ms} ms (max_staleness is {max_ms} ms)"
     )]
@@ -72,6 +76,8 @@ pub struct Decider {
     nonces: Nonces,
     /// How long a request with `min_revision` may wait for the snapshot to catch up.
     min_revision_wait: Duration,
+    /// One permit per request allowed to wait at once.
+    min_revision_waiters: Arc<tokio::sync::Semaphore>,
     /// Stop answering when the snapshot has not been confirmed for this long.
     max_staleness: Option<Duration>,
     metrics: Arc<Metrics>,
@@ -86,6 +92,8 @@ pub struct DeciderParts {
     pub sync: Arc<PolicySync>,
     pub nonces: Nonces,
     pub min_revision_wait: Duration,
+    /// How many requests may wait for a `min_revision` at once.
+    pub min_revision_max_waiters: usize,
     pub max_staleness: Option<Duration>,
     pub metrics: Arc<Metrics>,
     pub access: Option<AccessRecorder>,
@@ -99,6 +107,7 @@ impl Decider {
             sync,
             nonces,
             min_revision_wait,
+            min_revision_max_waiters,
             max_staleness,
             metrics,
             access,
@@ -109,6 +118,7 @@ impl Decider {
             sync,
             nonces,
             min_revision_wait,
+            min_revision_waiters: Arc::new(tokio::sync::Semaphore::new(min_revision_max_waiters)),
             max_staleness,
             metrics,
             access,
@@ -161,6 +171,11 @@ impl Decider {
         }
         if current.revision() < min_revision {
             drop(current);
+            // Anyone can ask for a revision that does not exist: the waiting is bounded in time
+            // and in number, so that such calls cannot pile up.
+            let Ok(_permit) = self.min_revision_waiters.try_acquire() else {
+                return Err(AuthzError::TooManyWaiting);
+            };
             self.sync.nudge();
             if !self
                 .sync
@@ -169,7 +184,6 @@ impl Decider {
             {
                 return Err(AuthzError::RevisionNotReached {
                     wanted: min_revision,
-                    current: policy.load().revision(),
                 });
             }
         } else {

@@ -240,6 +240,7 @@ pub async fn run(
         sync: sync.clone(),
         nonces,
         min_revision_wait: config.min_revision_wait,
+        min_revision_max_waiters: config.min_revision_max_waiters,
         max_staleness: config.max_staleness,
         metrics: metrics.clone(),
         access: recorder,

@@ -509,3 +509,70 @@ async fn a_restart_does_not_reopen_the_replay_window() {
     let fresh = signed_request(&key.secret, &secret, "twice", "POST", "/v1/payments");
     assert_eq!(decide(&mut authz, fresh).await, ALLOW);
 }
+
+/// Item 8: any unauthenticated caller could hold a request for the whole wait, as many as it
+/// liked, and the error stated the replica's revision.
+#[tokio::test]
+async fn min_revision_waiters_are_bounded_and_revisions_are_not_revealed() {
+    let server = Server::start(&[
+        "--min-revision-max-waiters",
+        "2",
+        "--min-revision-wait-ms",
+        "1500",
+    ]);
+    let mut admin = server.admin().await;
+    let key = create_key(&mut admin, "acme", "production", &["203.0.113.0/24"]).await;
+    let mut far_ahead = authorize_request("kf_live_not_a_key", "203.0.113.1");
+    far_ahead.min_revision = u64::MAX;
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let mut authz = server.authorizer().await;
+        let request = far_ahead.clone();
+        calls.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let status = authz.authorize(request).await.unwrap_err();
+            (status, started.elapsed())
+        }));
+    }
+    let mut exhausted = 0;
+    for call in calls {
+        let (status, took) = call.await.unwrap();
+        match status.code() {
+            Code::ResourceExhausted => {
+                exhausted += 1;
+                assert!(
+                    took < Duration::from_millis(1000),
+                    "refused at once: {took:?}"
+                );
+            }
+            Code::Unavailable => {
+                assert_eq!(
+                    status.message(),
+                    format!("policy revision {} not reached", u64::MAX),
+                    "the replica's own revision is not said"
+                );
+            }
+            other => panic!("{other:?}: {status:?}"),
+        }
+    }
+    assert_eq!(exhausted, 4, "two wait, the rest are refused");
+    // Bad input is refused before any wait.
+    let mut authz = server.authorizer().await;
+    let mut bad = far_ahead.clone();
+    bad.signature = Some(pb::SignatureInput {
+        nonce: "n\n1".into(),
+        ..Default::default()
+    });
+    let started = Instant::now();
+    let status = authz.authorize(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    // A caller that does not ask for a revision is not told one.
+    let response = authz
+        .authorize(authorize_request(&key.secret, "203.0.113.1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.decision(), pb::Decision::Allow);
+    assert_eq!(response.policy_revision, 0);
+}

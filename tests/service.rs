@@ -82,11 +82,9 @@ async fn ipv4_ipv6_cidr_mixed_and_mapped_addresses() {
             "{ip}"
         );
     }
-    let response = authz
-        .authorize(authorize_request(secret, "2001:db8:5::9"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut request = authorize_request(secret, "2001:db8:5::9");
+    request.min_revision = key.revision;
+    let response = authz.authorize(request).await.unwrap().into_inner();
     assert_eq!(response.matched_cidr, "2001:db8::/32");
     assert_eq!(response.key_id, key.key.as_ref().unwrap().id);
     assert_eq!(response.partner_id, "acme");
