@@ -576,3 +576,153 @@ async fn min_revision_waiters_are_bounded_and_revisions_are_not_revealed() {
     assert_eq!(response.decision(), pb::Decision::Allow);
     assert_eq!(response.policy_revision, 0);
 }
+
+/// Item 7a: an empty or deleted `keyfence.redb` in an initialised data directory silently started
+/// an empty store (every key denied, the loss unnoticed).
+#[tokio::test]
+async fn a_missing_empty_or_replaced_store_in_an_initialised_directory_is_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = data.join("keyfence.redb");
+    let mut server = Server::start_in(dir.path(), &[]);
+    let mut admin = server.admin().await;
+    create_key(&mut admin, "acme", "production", &["203.0.113.0/24"]).await;
+    server.kill();
+    let saved = std::fs::read(&file).unwrap();
+
+    std::fs::write(&file, b"").unwrap();
+    let stderr = refused_start(&data, &[]);
+    assert!(stderr.contains(&*file.to_string_lossy()), "{stderr}");
+    assert!(stderr.contains("missing or empty"), "{stderr}");
+
+    std::fs::remove_file(&file).unwrap();
+    let stderr = refused_start(&data, &[]);
+    assert!(stderr.contains("missing or empty"), "{stderr}");
+    assert!(!file.exists(), "nothing was created in its place");
+
+    // Another store's file (a fresh one) is not this directory's store either.
+    let other = tempfile::tempdir().unwrap();
+    let mut fresh = Server::start_in(other.path(), &[]);
+    fresh.kill();
+    std::fs::copy(other.path().join("data/keyfence.redb"), &file).unwrap();
+    let stderr = refused_start(&data, &[]);
+    assert!(
+        stderr.contains("refusing to start on another store's file"),
+        "{stderr}"
+    );
+
+    // Restored from the backup, it starts with its keys.
+    std::fs::write(&file, &saved).unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let mut admin = server.admin().await;
+    let keys = admin
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys.keys.len(), 1);
+}
+
+/// Item 7b: random page corruption made redb panic (exit 101). A damaged file is a refusal that
+/// names it.
+#[tokio::test]
+async fn a_damaged_store_file_is_a_clear_refusal_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = data.join("keyfence.redb");
+    let mut server = Server::start_in(dir.path(), &[]);
+    let mut admin = server.admin().await;
+    for i in 0..30 {
+        create_key(
+            &mut admin,
+            "acme",
+            "production",
+            &[&format!("10.0.{i}.0/24")],
+        )
+        .await;
+    }
+    drop(admin);
+    // A clean shutdown: redb then trusts the file on the next open, and only reading the damaged
+    // pages finds the damage (a crash would make it check the whole file first).
+    let terminated = Command::new("kill")
+        .args(["-TERM", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{}", server.pid())).exists()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", server.pid()))
+            .is_ok_and(|stat| stat.contains(") Z"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "keyfence did not stop on SIGTERM"
+        );
+        // Async, so that the dropped client's connection is closed and the server can finish.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.kill();
+    let pristine = std::fs::read(&file).unwrap();
+    // Damage of several shapes, from a fixed seed: small scattered writes, and whole pages.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut refusals = 0;
+    for round in 0..6 {
+        let mut damaged = pristine.clone();
+        let len = damaged.len() as u64;
+        let writes = if round % 2 == 0 { 20 } else { 400 };
+        for _ in 0..writes {
+            let at = 4096 + (next() % (len - 4096 - 64)) as usize;
+            for byte in &mut damaged[at..at + 32] {
+                *byte = next() as u8;
+            }
+        }
+        std::fs::write(&file, &damaged).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Either it refuses cleanly, or (the damage hit nothing it reads) it serves.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            continue;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "round {round}: not a clean refusal: {stderr}"
+        );
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(&*file.to_string_lossy()),
+            "round {round}: the refusal names the file: {stderr}"
+        );
+        refusals += 1;
+    }
+    eprintln!("{refusals} of 6 damaged files were refused");
+    assert!(refusals >= 3, "the damage was seen: {refusals} refusals");
+}

@@ -6,8 +6,18 @@
 //! mutation is one write transaction that edits the data, bumps the revision and appends to the
 //! change log, so after a crash the file holds either the old state or the new one. redb calls
 //! block, so they run on tokio's blocking pool.
+//!
+//! Integrity: a data directory, once initialised, holds a marker (`keyfence.store-id`) with the id
+//! also written in the store's `meta` table. A missing, empty or different `keyfence.redb` beside
+//! the marker is a refusal to open, never a silent empty store (every key denied, the loss
+//! unnoticed). A damaged file that makes redb panic is caught and reported, naming the file.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    hash::{BuildHasher, RandomState},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use redb::{
@@ -32,12 +42,19 @@ const ALLOWLISTS: TableDefinition<&str, &[u8]> = TableDefinition::new("allowlist
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 
 const REVISION: &str = "revision";
+/// The id of this store, also in the data directory's marker.
+const STORE_ID: &str = "store_id";
 /// How many revisions the change log keeps; a follower further behind reloads everything.
 pub const CHANGE_LOG_LEN: u64 = 10_000;
-const DB_FILE: &str = "keyfence.redb";
+/// The store's file in the data directory.
+pub const DB_FILE: &str = "keyfence.redb";
+/// The marker of an initialised data directory: the store's id, as text.
+pub const MARKER_FILE: &str = "keyfence.store-id";
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// The file, for errors that must name it.
+    path: Arc<PathBuf>,
     revisions: watch::Sender<u64>,
     change_log_len: u64,
 }
@@ -61,22 +78,34 @@ impl EmbeddedStore {
             ))
         })?;
         let path = data_dir.join(DB_FILE);
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        {
-            let mut meta = txn.open_table(META).map_err(unavailable)?;
-            if meta.get(REVISION).map_err(unavailable)?.is_none() {
-                meta.insert(REVISION, 0).map_err(unavailable)?;
+        let marker = read_marker(&data_dir.join(MARKER_FILE))?;
+        if let Some(expected) = marker {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if size == 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is missing or empty, but {} says this data directory holds store {expected:016x}: \
+                     refusing to start with an empty store; restore the file from a backup \
+                     (or remove the data directory to start over)",
+                    path.display(),
+                    MARKER_FILE
+                )));
             }
-            txn.open_table(KEYS).map_err(unavailable)?;
-            txn.open_table(ALLOWLISTS).map_err(unavailable)?;
-            txn.open_table(CHANGES).map_err(unavailable)?;
         }
-        txn.commit().map_err(unavailable)?;
-        let revision = read_revision(&db.begin_read().map_err(unavailable)?)?;
+        let (db, revision) = caught(&path, || {
+            let db = open_file(&path)?;
+            let id = prepare(&db, &path, marker)?;
+            let revision = read_revision(&db.begin_read().map_err(unavailable)?)?;
+            Ok((db, revision, id))
+        })
+        .and_then(|(db, revision, id)| {
+            if marker.is_none() {
+                write_marker(&data_dir.join(MARKER_FILE), id)?;
+            }
+            Ok((db, revision))
+        })?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
+            path: Arc::new(path),
             revisions: watch::Sender::new(revision),
             change_log_len,
         })
@@ -87,9 +116,10 @@ impl EmbeddedStore {
         f: impl FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let db = self.db.clone();
+        let path = self.path.clone();
         blocking(move || {
-            let txn = db.begin_read().map_err(unavailable)?;
-            f(&txn)
+            caught(&path, || f(&db.begin_read().map_err(unavailable)?))
+                .map_err(|e| naming(&path, e))
         })
         .await
     }
@@ -101,32 +131,35 @@ impl EmbeddedStore {
         f: impl FnOnce(&WriteTransaction) -> StoreResult<(T, Scope)> + Send + 'static,
     ) -> StoreResult<Committed<T>> {
         let db = self.db.clone();
+        let path = self.path.clone();
         let change_log_len = self.change_log_len;
         let committed = blocking(move || {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let (value, scope) = f(&txn)?;
-            let revision = {
-                let mut meta = txn.open_table(META).map_err(unavailable)?;
-                let revision = meta
-                    .get(REVISION)
-                    .map_err(unavailable)?
-                    .map_or(0, |v| v.value())
-                    + 1;
-                meta.insert(REVISION, revision).map_err(unavailable)?;
-                let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
-                let change = Change { revision, scope };
-                changes
-                    .insert(revision, encode(&change)?.as_slice())
-                    .map_err(unavailable)?;
-                if revision > change_log_len {
+            caught(&path.clone(), move || {
+                let txn = db.begin_write().map_err(unavailable)?;
+                let (value, scope) = f(&txn)?;
+                let revision = {
+                    let mut meta = txn.open_table(META).map_err(unavailable)?;
+                    let revision = meta
+                        .get(REVISION)
+                        .map_err(unavailable)?
+                        .map_or(0, |v| v.value())
+                        + 1;
+                    meta.insert(REVISION, revision).map_err(unavailable)?;
+                    let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
+                    let change = Change { revision, scope };
                     changes
-                        .remove(revision - change_log_len)
+                        .insert(revision, encode(&change)?.as_slice())
                         .map_err(unavailable)?;
-                }
-                revision
-            };
-            txn.commit().map_err(unavailable)?;
-            Ok(Committed { value, revision })
+                    if revision > change_log_len {
+                        changes
+                            .remove(revision - change_log_len)
+                            .map_err(unavailable)?;
+                    }
+                    revision
+                };
+                txn.commit().map_err(unavailable)?;
+                Ok(Committed { value, revision })
+            })
         })
         .await?;
         self.revisions.send_replace(committed.revision);
@@ -367,6 +400,120 @@ fn parse_partner_scope_key(text: &str) -> StoreResult<PartnerScope> {
         partner_id: partner.parse().map_err(|_| corrupt())?,
         environment: environment.parse().map_err(|_| corrupt())?,
     })
+}
+
+/// Damaged data names the file it was read from.
+fn naming(path: &Path, error: StoreError) -> StoreError {
+    match error {
+        StoreError::Corrupt(message) if !message.contains(&*path.to_string_lossy()) => {
+            StoreError::Corrupt(format!("{}: {message}", path.display()))
+        }
+        other => other,
+    }
+}
+
+/// Runs `f`, turning a panic inside redb (a damaged file: a checksum or a page pointer it cannot
+/// make sense of) into an error that names the file, instead of a crash.
+pub(crate) fn caught<T>(path: &Path, f: impl FnOnce() -> StoreResult<T>) -> StoreResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no detail");
+        Err(StoreError::Corrupt(format!(
+            "{} is damaged and cannot be read ({detail}); restore it from a backup",
+            path.display()
+        )))
+    })
+}
+
+pub(crate) fn open_file(path: &Path) -> StoreResult<Database> {
+    Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => {
+            StoreError::Corrupt(format!(
+                "{} is damaged and cannot be read ({detail}); restore it from a backup",
+                path.display()
+            ))
+        }
+        other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+    })
+}
+
+/// Creates the tables and the store id of a new store; checks an existing one against the
+/// marker. Returns the store's id.
+fn prepare(db: &Database, path: &Path, marker: Option<u64>) -> StoreResult<u64> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let id = {
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        let stored = meta.get(STORE_ID).map_err(unavailable)?.map(|v| v.value());
+        let id = match (stored, marker) {
+            (Some(stored), Some(expected)) if stored != expected => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds store {stored:016x}, but {MARKER_FILE} says this data directory holds \
+                     store {expected:016x}: refusing to start on another store's file",
+                    path.display()
+                )));
+            }
+            (None, Some(expected)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds no store id, but {MARKER_FILE} says this data directory holds \
+                     store {expected:016x}: the file was replaced by a new one; restore it from a \
+                     backup",
+                    path.display()
+                )));
+            }
+            (Some(stored), _) => stored,
+            // A store from before markers, or a new one.
+            (None, None) => {
+                let id = RandomState::new().hash_one((std::process::id(), path));
+                meta.insert(STORE_ID, id).map_err(unavailable)?;
+                id
+            }
+        };
+        if meta.get(REVISION).map_err(unavailable)?.is_none() {
+            meta.insert(REVISION, 0).map_err(unavailable)?;
+        }
+        txn.open_table(KEYS).map_err(unavailable)?;
+        txn.open_table(ALLOWLISTS).map_err(unavailable)?;
+        txn.open_table(CHANGES).map_err(unavailable)?;
+        id
+    };
+    txn.commit().map_err(unavailable)?;
+    Ok(id)
+}
+
+fn read_marker(path: &Path) -> StoreResult<Option<u64>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16).map(Some).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "{} does not hold a store id; restore it from a backup",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Writes the marker durably (the store already holds its id, so a crash before this only
+/// means the next start writes it).
+fn write_marker(path: &Path, id: u64) -> StoreResult<()> {
+    let write = || -> std::io::Result<()> {
+        let temporary = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&temporary)?;
+        writeln!(file, "{id:016x}")?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| StoreError::Unavailable(format!("cannot write {}: {e}", path.display())))
 }
 
 fn read_revision(txn: &ReadTransaction) -> StoreResult<u64> {

@@ -29,11 +29,13 @@ pub struct NonceJournal {
 impl NonceJournal {
     pub fn open(data_dir: &Path) -> StoreResult<NonceJournal> {
         let path = data_dir.join(FILE);
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        txn.open_table(NONCES).map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
+        let db = crate::embedded::caught(&path, || {
+            let db = crate::embedded::open_file(&path)?;
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(NONCES).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(db)
+        })?;
         Ok(NonceJournal { db: Arc::new(db) })
     }
 

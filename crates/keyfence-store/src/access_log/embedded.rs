@@ -40,13 +40,15 @@ pub struct EmbeddedAccessLog {
 impl EmbeddedAccessLog {
     pub fn open(data_dir: &Path) -> StoreResult<EmbeddedAccessLog> {
         let path = data_dir.join(FILE);
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        txn.open_table(BLOCKS).map_err(unavailable)?;
-        txn.open_table(COUNTS).map_err(unavailable)?;
-        txn.open_table(LAST_USED).map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
+        let db = crate::embedded::caught(&path, || {
+            let db = crate::embedded::open_file(&path)?;
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(BLOCKS).map_err(unavailable)?;
+            txn.open_table(COUNTS).map_err(unavailable)?;
+            txn.open_table(LAST_USED).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(db)
+        })?;
         Ok(EmbeddedAccessLog {
             db: Arc::new(db),
             counter: AtomicU64::new(0),
