@@ -142,8 +142,9 @@ pub struct ServeArgs {
     /// POST alerts as JSON to this URL (with retries).
     #[arg(long, env = "KEYFENCE_ALERT_WEBHOOK_URL")]
     pub alert_webhook_url: Option<String>,
-    /// The largest admin request accepted, in bytes; a larger one is refused with
-    /// RESOURCE_EXHAUSTED before it is read into memory. Default 8388608 (8 MiB).
+    /// The largest admin request accepted, in bytes; a larger one is refused with OUT_OF_RANGE
+    /// ("decoded message length too large") before it is read into memory. Default 8388608
+    /// (8 MiB).
     #[arg(long, env = "KEYFENCE_ADMIN_MAX_REQUEST_BYTES")]
     pub admin_max_request_bytes: Option<usize>,
     /// The most allowlist entries (or removals) one admin request may carry. Default 10000.

@@ -253,6 +253,7 @@ pub async fn run(
         random: Arc::new(OsRandom),
         environments: config.environments.clone(),
         visibility_wait: WRITE_VISIBILITY_WAIT,
+        max_entries_per_request: config.admin_limits.max_entries_per_request,
     }));
 
     let health = PlaneHealth::default();
@@ -265,7 +266,12 @@ pub async fn run(
         stop.stopped(),
     );
     let admin_plane = planes::serve(
-        planes::admin_plane(admin, AdminAuth::new(config.admin_token.clone()), &health)?,
+        planes::admin_plane(
+            admin,
+            AdminAuth::new(config.admin_token.clone()),
+            &health,
+            config.admin_limits.max_request_bytes,
+        )?,
         listeners.admin,
         stop.stopped(),
     );
