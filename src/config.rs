@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// refused at start unless this says it is meant. Default false.
     #[arg(long, env = "KEYFENCE_TRUSTED_PROXIES_ALLOW_WIDE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub trusted_proxies_allow_wide: Option<bool>,
+    /// Whether Envoy's ext_authz filter buffers request bodies (`with_request_body`). Only then
+    /// does a signed request that announces no length count as having no body; otherwise it is
+    /// denied as BODY_NOT_FORWARDED, since Envoy hides chunked framing. Default false.
+    #[arg(long, env = "KEYFENCE_ENVOY_WITH_REQUEST_BODY", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub envoy_with_request_body: Option<bool>,
     /// Whether a trusted proxy's X-Real-IP names the client (ahead of X-Forwarded-For). Only for
     /// proxies that overwrite it. Default false.
     #[arg(long, env = "KEYFENCE_TRUST_X_REAL_IP", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -203,6 +208,7 @@ pub struct Config {
     /// Proxies whose forwarding headers Envoy's Check believes; empty trusts none.
     pub trusted_proxies: Vec<Cidr>,
     pub trusted_proxies_allow_wide: bool,
+    pub envoy_with_request_body: bool,
     pub trust_x_real_ip: bool,
     pub detailed_denials: bool,
     pub detailed_denials_include_allowlist: bool,
@@ -299,6 +305,7 @@ impl Config {
             log_format,
             trusted_proxies,
             trusted_proxies_allow_wide,
+            envoy_with_request_body,
             trust_x_real_ip,
             detailed_denials,
             detailed_denials_include_allowlist,
@@ -337,6 +344,7 @@ impl Config {
             log_format: log_format.unwrap_or(LogFormat::Pretty),
             trusted_proxies: parse_trusted_proxies(&trusted_proxies.unwrap_or_default())?,
             trusted_proxies_allow_wide: trusted_proxies_allow_wide.unwrap_or(false),
+            envoy_with_request_body: envoy_with_request_body.unwrap_or(false),
             trust_x_real_ip: trust_x_real_ip.unwrap_or(false),
             detailed_denials: detailed_denials.unwrap_or(false),
             detailed_denials_include_allowlist: detailed_denials_include_allowlist.unwrap_or(false),
@@ -523,6 +531,7 @@ impl fmt::Debug for Config {
                 "trusted_proxies_allow_wide",
                 &self.trusted_proxies_allow_wide,
             )
+            .field("envoy_with_request_body", &self.envoy_with_request_body)
             .field("trust_x_real_ip", &self.trust_x_real_ip)
             .field("detailed_denials", &self.detailed_denials)
             .field(

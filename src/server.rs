@@ -25,7 +25,7 @@ use crate::{
     config::Config,
     grpc::{
         auth::AdminAuth,
-        ext_authz::{ExtAuthzSettings, denial::DenialDetail},
+        ext_authz::{BodyReport, ExtAuthzSettings, denial::DenialDetail},
         planes::{self, GrpcError, PlaneHealth},
     },
     sync::PolicySync,
@@ -186,6 +186,11 @@ fn ext_authz_settings(config: &Config) -> ExtAuthzSettings {
         ) {
             (false, _) => DenialDetail::Opaque,
             (true, include_allowlist) => DenialDetail::Detailed { include_allowlist },
+        },
+        bodies: if config.envoy_with_request_body {
+            BodyReport::Forwarded
+        } else {
+            BodyReport::Unknown
         },
     }
 }

@@ -855,3 +855,105 @@ async fn admin_request_bounds_are_configurable() {
         .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 }
+
+/// The deploy bootstrap's `with_request_body` block, which a deployment may leave out.
+const WITH_REQUEST_BODY: &str = "              with_request_body:
+                max_request_bytes: 1048576
+                allow_partial_message: true
+                pack_as_bytes: true
+";
+
+/// Item 5: a client-sent `x-envoy-auth-partial-body: false` must never turn BODY_NOT_FORWARDED
+/// into an allow. With a real Envoy, with and without `with_request_body`: a signature over an
+/// empty body, sent again with a chunked body of the attacker's choosing, is never allowed,
+/// whatever that header says (Envoy drops the chunked framing, so without buffering the body is
+/// invisible); the honest request passes.
+#[tokio::test]
+async fn a_client_partial_body_header_never_turns_an_unseen_body_into_an_allow() {
+    use common::envoy::{Envoy, Request, Upstream, deploy_config, send};
+    use std::net::{IpAddr, Ipv4Addr};
+    const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+
+    let upstream = Upstream::start().await;
+    // keyfence told what Envoy does, and Envoy's bootstrap with or without its body buffering.
+    for (keyfence_args, buffering, expected) in [
+        (&["--detailed-denials"][..], false, "BODY_NOT_FORWARDED"),
+        (&["--detailed-denials"][..], true, "SIGNATURE_INVALID"),
+        (
+            &["--detailed-denials", "--envoy-with-request-body"][..],
+            true,
+            "SIGNATURE_INVALID",
+        ),
+    ] {
+        let keyfence = Server::start(keyfence_args);
+        let mut admin = keyfence.admin().await;
+        let key = admin
+            .create_key(hmac_key_request("signing", &["127.0.0.1"]))
+            .await
+            .unwrap()
+            .into_inner();
+        let secret = signing_secret(&key);
+        let config = deploy_config(keyfence.data_addr, upstream.addr);
+        assert_eq!(config.matches(WITH_REQUEST_BODY).count(), 1);
+        let config = if buffering {
+            config
+        } else {
+            config.replace(WITH_REQUEST_BODY, "")
+        };
+        let envoy = Envoy::start(&config).await;
+        let name = format!("{keyfence_args:?} buffering={buffering}");
+        // What a partner signed: a request with an empty body.
+        let signed = |method: &'static str, nonce: &str| {
+            let now = now_secs();
+            let mut request = match method {
+                "GET" => Request::get("/v1/payments"),
+                _ => Request::post("/v1/payments", b""),
+            };
+            request = request
+                .header("x-api-key", key.secret.clone())
+                .header(
+                    "x-signature",
+                    sign_hmac(&secret, now, nonce, method, "/v1/payments", b""),
+                )
+                .header("x-timestamp", now.to_string())
+                .header("x-nonce", nonce.to_owned());
+            request
+        };
+        for (i, partial) in [None, Some("false")].into_iter().enumerate() {
+            let mut attack =
+                signed("POST", &format!("attack-{i}")).header("transfer-encoding", "chunked");
+            attack.body = b"5\r\nevil!\r\n0\r\n\r\n".to_vec();
+            if let Some(partial) = partial {
+                attack = attack.header("x-envoy-auth-partial-body", partial);
+            }
+            let response = send(FROM, envoy.listen, &attack).await;
+            assert_eq!(
+                response.status,
+                401,
+                "{name} {partial:?}: {}",
+                response.text()
+            );
+            let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+            assert_eq!(body["error"]["code"], expected, "{name} {partial:?}");
+        }
+        // The honest POST (content-length: 0) passes everywhere; an honest GET, which announces no
+        // length, only where keyfence knows Envoy would have reported a body.
+        let post = send(FROM, envoy.listen, &signed("POST", "honest-post")).await;
+        assert_eq!(post.status, 200, "{name}: {}", post.text());
+        let get = send(FROM, envoy.listen, &signed("GET", "honest-get")).await;
+        let knows = keyfence_args.contains(&"--envoy-with-request-body");
+        assert_eq!(
+            get.status,
+            if knows { 200 } else { 401 },
+            "{name}: {}",
+            get.text()
+        );
+    }
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .all(|request| !String::from_utf8_lossy(&request.body).contains("evil")),
+        "the attacker's body never reached the upstream"
+    );
+}

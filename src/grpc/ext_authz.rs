@@ -65,6 +65,23 @@ const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "x-signature", "x-timestamp"
 pub struct ExtAuthzSettings {
     pub trusted_proxies: TrustedProxies,
     pub denials: DenialDetail,
+    /// How far Envoy's report on the body can be taken.
+    pub bodies: BodyReport,
+}
+
+/// What Envoy's ext_authz filter tells about request bodies, by its configuration. Envoy drops
+/// `transfer-encoding` from the headers it sends, and HTTP/2 needs no `content-length`, so a
+/// request that announces no length looks the same whether it had no body or a chunked one;
+/// only an Envoy that buffers bodies (`with_request_body`) says which, by forwarding the body
+/// with its own `x-envoy-auth-partial-body`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyReport {
+    /// Envoy buffers bodies: a request it forwards no body for, and that announces no length,
+    /// had none.
+    Forwarded,
+    /// Envoy may not buffer bodies: a signed request must announce its length
+    /// (`content-length`), or its body counts as unseen (`BODY_NOT_FORWARDED`).
+    Unknown,
 }
 
 pub struct ExtAuthzService {
@@ -79,7 +96,7 @@ impl ExtAuthzService {
 
     async fn answer(&self, request: &CheckRequest) -> CheckResponse {
         let span = tracing::Span::current();
-        let question = match read(request) {
+        let question = match read(request, self.settings.bodies) {
             Ok(question) => question,
             Err(denial) => return self.deny(&denial),
         };
@@ -184,20 +201,20 @@ impl Authorization for ExtAuthzService {
 
 /// Which header carried the key; a bearer key's `authorization` header is stripped with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KeyHeader {
+pub enum KeyHeader {
     ApiKey,
     Bearer,
 }
 
-/// Envoy's request, read and size-checked.
-struct Question<'a> {
+/// Envoy's request, read and size-checked: what the engine is asked about.
+pub struct Question<'a> {
     /// The presented key: hashed by the engine, never printed (see the `Debug` below).
-    key: &'a str,
-    key_from: KeyHeader,
-    origin: Origin<'a>,
-    signature: Option<SignedRequest<'a>>,
+    pub key: &'a str,
+    pub key_from: KeyHeader,
+    pub origin: Origin<'a>,
+    pub signature: Option<SignedRequest<'a>>,
     /// HTTP method and path, for the access log.
-    endpoint: Option<(&'a str, &'a str)>,
+    pub endpoint: Option<(&'a str, &'a str)>,
 }
 
 impl std::fmt::Debug for Question<'_> {
@@ -211,7 +228,9 @@ impl std::fmt::Debug for Question<'_> {
     }
 }
 
-fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
+/// Reads Envoy's request into the engine's question, or the denial bad input gets. Public for the
+/// fuzz target of the Check mapping (`fuzz/`).
+pub fn read(request: &CheckRequest, bodies: BodyReport) -> Result<Question<'_>, Denial> {
     let attributes = request.attributes.as_ref();
     let http = attributes
         .and_then(|a| a.request.as_ref())
@@ -252,7 +271,7 @@ fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
     };
 
     let signature = match (headers.get("x-signature"), http) {
-        (Some(signature), Some(http)) => Some(signed_request(signature, &headers, http)?),
+        (Some(signature), Some(http)) => Some(signed_request(signature, &headers, http, bodies)?),
         _ => None,
     };
     Ok(Question {
@@ -268,6 +287,7 @@ fn signed_request<'a>(
     signature: &'a str,
     headers: &Headers<'a>,
     http: &'a HttpRequest,
+    bodies: BodyReport,
 ) -> Result<SignedRequest<'a>, Denial> {
     field("x-signature header", check_signature(signature))?;
     let nonce = headers.get("x-nonce").unwrap_or("");
@@ -289,32 +309,34 @@ fn signed_request<'a>(
         method: &http.method,
         path: &http.path,
         body,
-        body_complete: body_complete(headers, body.len()),
+        body_complete: body_complete(headers, body.len(), bodies),
     })
 }
 
-/// Whether `seen` bytes are the whole body, from what the request announced (a content-length, or
-/// chunked) against what Envoy forwarded. `x-envoy-auth-partial-body` can only take completeness
-/// away, never grant it: Envoy writes it only when it buffered a body (`with_request_body`), and
-/// otherwise the header is whatever the client sent. So its `true` means truncated, and its
-/// `false` proves nothing the lengths do not. A body that is neither announced nor forwarded
-/// (HTTP/2 without content-length, when Envoy buffers no body) cannot be told apart from none:
-/// configure `with_request_body` for signing keys.
-fn body_complete(headers: &Headers<'_>, seen: usize) -> bool {
-    if headers
-        .get("x-envoy-auth-partial-body")
-        .is_some_and(|partial| partial != "false")
-    {
+/// Whether `seen` bytes (what Envoy forwarded) are the whole body, from what Envoy itself reports.
+/// `x-envoy-auth-partial-body` is Envoy's only when Envoy forwarded a body (it overwrites any
+/// client's then); otherwise it is whatever the client sent, so it can take completeness away but
+/// never grant it:
+/// - any value but `false` means truncated;
+/// - an announced `content-length` must equal what was forwarded;
+/// - without one, a forwarded body is whole only on Envoy's own `false`, and no body was there
+///   only if Envoy buffers bodies ([`BodyReport::Forwarded`]): otherwise a chunked or HTTP/2 body
+///   Envoy did not forward is indistinguishable from none.
+fn body_complete(headers: &Headers<'_>, seen: usize, bodies: BodyReport) -> bool {
+    let partial = headers.get("x-envoy-auth-partial-body");
+    if partial.is_some_and(|partial| partial != "false") {
         return false;
     }
-    match headers.get("content-length") {
-        Some(length) => length.parse::<u64>().ok() == u64::try_from(seen).ok(),
-        None => {
-            let chunked = headers
-                .get("transfer-encoding")
-                .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-            !chunked || seen > 0
-        }
+    if let Some(length) = headers.get("content-length") {
+        return length.parse::<u64>().ok() == u64::try_from(seen).ok();
+    }
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+    if seen > 0 {
+        partial == Some("false")
+    } else {
+        !chunked && bodies == BodyReport::Forwarded
     }
 }
 
