@@ -29,7 +29,8 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Run the service (embedded store in --data-dir).
-    Serve(ServeArgs),
+    /// (Boxed: the settings are by far the largest variant.)
+    Serve(Box<ServeArgs>),
     /// Create, list, inspect, update, revoke and rotate API keys.
     Keys {
         #[command(flatten)]

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(async {
-            let config = Config::resolve(args).context("invalid configuration")?;
+            let config = Config::resolve(*args).context("invalid configuration")?;
             let telemetry = telemetry::init(config.log_format, config.otlp_endpoint.as_deref())?;
             tracing::info!(?config, "starting keyfence {}", env!("CARGO_PKG_VERSION"));
             let metrics = Arc::new(Metrics::new(telemetry.meter()));

@@ -363,6 +363,10 @@ fn refused_start(data_dir: &std::path::Path, args: &[&str]) -> String {
             let _ = child.wait();
             panic!("keyfence started with {args:?} instead of refusing");
         }
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "waits for a child process, before or outside any task"
+        )]
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut stderr = String::new();
@@ -702,7 +706,7 @@ async fn a_damaged_store_file_is_a_clear_refusal_not_a_panic() {
             if Instant::now() > deadline {
                 break None;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         };
         let Some(status) = status else {
             let _ = child.kill();
