@@ -171,6 +171,7 @@ fn record(i: usize, scheme: Scheme) -> KeyRecord {
                 public_key: ed25519_signer().verifying_key().to_bytes(),
             },
         },
+        require_nonce: false,
         rate_limit: None,
         expires_at: None,
         created: at.clone(),
@@ -353,11 +354,13 @@ fn decider(snapshot: &PolicySnapshot) -> BenchDecider {
     let decider = Decider::new(DeciderParts {
         engine: Engine {
             signature_window_secs: 300,
+            require_nonce: false,
         },
         clock: std::sync::Arc::new(FixedClock(NOW)),
         sync: PolicySync::new(std::sync::Arc::new(store), policy),
         nonces: Nonces::Local(NonceLedger::default()),
         min_revision_wait: Duration::from_secs(2),
+        min_revision_max_waiters: 256,
         max_staleness: None,
         limits: Limits {
             max_inflight: 1024,

@@ -116,6 +116,7 @@ fn record(i: usize) -> KeyRecord {
         ip_allowlist_enabled: true,
         enforcement: Enforcement::Enforce,
         signature: SignatureScheme::None,
+        require_nonce: false,
         rate_limit: None,
         expires_at: None,
         created: audit.clone(),

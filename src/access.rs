@@ -1,8 +1,8 @@
 //! Access logs: who used a key, from where, what was blocked, and alerts on repeated blocks.
 //!
 //! Recording never slows or blocks a decision: the decision path builds a small [`AccessEvent`]
-//! (reference-counted key, copied address and reason) and offers it to a bounded queue; a full
-//! queue drops the event and counts it. One writer task drains the queue in batches: it turns
+//! (reference-counted key, copied address and reason) and offers it to a queue bounded by records
+//! and by bytes; a full queue drops the event and counts it. One writer task drains the queue in batches: it turns
 //! events into per-key [`Entry`] lists, appends them to the log store (embedded file or Redis streams),
 //! keeps last-used times (flushed every few seconds, not per request) and feeds the alert
 //! detector. Records are grouped per key, so a key's identity is written once per batch. Where
@@ -13,7 +13,15 @@
 
 pub mod alerts;
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use keyfence_policy::{
     decision::{Decision, DenyReason, Verdict},
@@ -63,6 +71,17 @@ impl AccessEvent {
     }
 }
 
+impl AccessEvent {
+    /// What the event holds on the heap and inline, for the queue's byte bound.
+    fn queued_size(&self) -> usize {
+        std::mem::size_of::<AccessEvent>()
+            + self
+                .endpoint
+                .as_ref()
+                .map_or(0, |(method, path)| method.len() + path.len())
+    }
+}
+
 /// The stored form of an event: fixed-size fields but the endpoint.
 fn entry_of(event: AccessEvent) -> Entry {
     Entry {
@@ -83,12 +102,18 @@ fn entry_of(event: AccessEvent) -> Entry {
 #[derive(Clone)]
 pub struct AccessRecorder {
     queue: mpsc::Sender<AccessEvent>,
+    /// Bytes of the events in the queue; the writer takes off what it receives.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
 impl AccessRecorder {
     pub fn record(&self, event: AccessEvent) {
-        if self.queue.try_send(event).is_err() {
+        let size = event.queued_size();
+        let before = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > self.max_queued_bytes || self.queue.try_send(event).is_err() {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.metrics.access_log_dropped.inc();
         }
     }
@@ -98,6 +123,8 @@ impl AccessRecorder {
 #[derive(Debug, Clone)]
 pub struct AccessLogConfig {
     pub queue_capacity: usize,
+    /// The most bytes of events the queue holds, whatever their number.
+    pub queue_max_bytes: usize,
     pub retention: Retention,
     /// How often last-used times are written.
     pub last_used_flush: Duration,
@@ -112,12 +139,16 @@ pub fn start(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (AccessRecorder, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let recorder = AccessRecorder {
         queue: tx,
+        queued_bytes: queued_bytes.clone(),
+        max_queued_bytes: config.queue_max_bytes,
         metrics: metrics.clone(),
     };
     let alerts = alerts::AlertDetector::new(config.alerts.clone(), metrics.clone());
-    let task = tokio::spawn(write_loop(rx, store, config, metrics, alerts, shutdown));
+    let queue = Queue { rx, queued_bytes };
+    let task = tokio::spawn(write_loop(queue, store, config, metrics, alerts, shutdown));
     (recorder, task)
 }
 
@@ -128,8 +159,22 @@ const BATCH: usize = 4096;
 /// decision path's `try_send` usually find no writer to wake.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The writer's end of the queue.
+struct Queue {
+    rx: mpsc::Receiver<AccessEvent>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    /// Hands the taken events' bytes back to the recorder's budget.
+    fn release(&self, events: &[AccessEvent]) {
+        let bytes: usize = events.iter().map(AccessEvent::queued_size).sum();
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 async fn write_loop(
-    mut queue: mpsc::Receiver<AccessEvent>,
+    mut queue: Queue,
     store: Arc<dyn AccessLogStore>,
     config: AccessLogConfig,
     metrics: Arc<Metrics>,
@@ -145,13 +190,13 @@ async fn write_loop(
     while !stopping {
         let mut flush_now = false;
         tokio::select! {
-            received = queue.recv_many(&mut events, BATCH) => {
+            received = queue.rx.recv_many(&mut events, BATCH) => {
                 if received == 0 {
                     stopping = true;
                 } else if received < BATCH {
                     tokio::time::sleep(GATHER).await;
                     while events.len() < BATCH {
-                        match queue.try_recv() {
+                        match queue.rx.try_recv() {
                             Ok(event) => events.push(event),
                             Err(_) => break,
                         }
@@ -161,12 +206,13 @@ async fn write_loop(
             _ = flush.tick() => flush_now = true,
             _ = &mut shutdown => {
                 stopping = true;
-                queue.close();
-                while let Ok(event) = queue.try_recv() {
+                queue.rx.close();
+                while let Ok(event) = queue.rx.try_recv() {
                     events.push(event);
                 }
             }
         }
+        queue.release(&events);
         let mut pending = std::mem::take(&mut events);
         while !pending.is_empty() {
             let rest = pending.split_off(pending.len().min(BATCH));
@@ -240,5 +286,65 @@ async fn write_batch(
     if let Err(error) = store.append(batch, config.retention).await {
         metrics.access_log_write_failures.inc_by(count);
         tracing::warn!(%error, records = count, "cannot write access records; dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_with_path(path_bytes: usize) -> AccessEvent {
+        AccessEvent {
+            at: UnixMillis(0),
+            frontend: Frontend::Authorize,
+            key: None,
+            client_ip: None,
+            allowed: false,
+            reason: Some(DenyReason::IpNotAllowed),
+            would_deny: false,
+            matched: None,
+            endpoint: Some(("GET".into(), "p".repeat(path_bytes))),
+        }
+    }
+
+    /// 40 denied calls with a 4 MB path each filled the disk: a queue bounded by records only
+    /// holds 65,536 of them, whatever their size.
+    #[test]
+    fn the_queue_is_bounded_by_bytes_as_well_as_records() {
+        let (tx, mut rx) = mpsc::channel(10_000);
+        let metrics = Arc::new(Metrics::new(None));
+        let recorder = AccessRecorder {
+            queue: tx,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            max_queued_bytes: 100 * 1024,
+            metrics: metrics.clone(),
+        };
+        for _ in 0..100 {
+            recorder.record(event_with_path(8 * 1024));
+        }
+        let mut queued = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            queued.push(event);
+        }
+        let bytes: usize = queued.iter().map(AccessEvent::queued_size).sum();
+        assert!(bytes <= 100 * 1024, "{bytes} bytes queued");
+        assert!(queued.len() >= 10, "small enough events still get in");
+        assert_eq!(
+            metrics.access_log_dropped.get(),
+            100 - queued.len() as u64,
+            "every refused event is counted"
+        );
+        // Once the writer takes them, their bytes are free again.
+        let queue = Queue {
+            rx,
+            queued_bytes: recorder.queued_bytes.clone(),
+        };
+        queue.release(&queued);
+        assert_eq!(recorder.queued_bytes.load(Ordering::Relaxed), 0);
+        recorder.record(event_with_path(8 * 1024));
+        assert_eq!(
+            recorder.queued_bytes.load(Ordering::Relaxed),
+            queued[0].queued_size()
+        );
     }
 }

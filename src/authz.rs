@@ -3,6 +3,8 @@
 //! [`keyfence_admin::Decisions`]). This is the one decision path production runs, and the one the
 //! decision benchmark measures.
 
+pub mod journal;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -10,7 +12,7 @@ use keyfence_policy::{
     clock::Clock,
     decision::{AuthzRequest, Decision, Engine, Evaluation, Mode},
     model::UnixMillis,
-    nonce::NonceLedger,
+    nonce::{NonceLedger, fingerprint},
 };
 use keyfence_store::{NonceStore, access_log::Frontend};
 
@@ -34,8 +36,12 @@ pub struct Origin<'a> {
 pub enum AuthzError {
     #[error("policy not loaded yet")]
     NotLoaded,
-    #[error("policy revision {wanted} not reached (at {current})")]
-    RevisionNotReached { wanted: u64, current: u64 },
+    /// The replica's own revision is not said: data-plane callers learn only what they asked.
+    #[error("policy revision {wanted} not reached")]
+    RevisionNotReached { wanted: u64 },
+    /// As many calls as allowed are already waiting for a revision.
+    #[error("too many requests are waiting for a policy revision; retry later")]
+    TooManyWaiting,
     #[error(
         "policy not confirmed against the store for {unconfirmed_ms} ms (max_staleness is {max_ms} ms)"
     )]
@@ -58,8 +64,14 @@ pub struct Limits {
 
 /// Where nonces are remembered.
 pub enum Nonces {
-    /// In this process: enough for one replica.
+    /// In this process only: forgotten on restart (benchmarks).
     Local(NonceLedger),
+    /// In this process, and journaled before a request is allowed so that a restart does not
+    /// reopen the window (the embedded store).
+    Durable {
+        ledger: NonceLedger,
+        journal: journal::Journal,
+    },
     /// Shared by every replica (Redis). When it cannot be reached, a request with a nonce is
     /// refused, unless `fallback` (a per-replica ledger) is configured.
     Shared {
@@ -76,6 +88,8 @@ pub struct Decider {
     nonces: Nonces,
     /// How long a request with `min_revision` may wait for the snapshot to catch up.
     min_revision_wait: Duration,
+    /// One permit per request allowed to wait at once.
+    min_revision_waiters: Arc<tokio::sync::Semaphore>,
     /// Stop answering when the snapshot has not been confirmed for this long.
     max_staleness: Option<Duration>,
     /// Permits for decisions in progress (`Limits::max_inflight`).
@@ -93,6 +107,8 @@ pub struct DeciderParts {
     pub sync: Arc<PolicySync>,
     pub nonces: Nonces,
     pub min_revision_wait: Duration,
+    /// How many requests may wait for a `min_revision` at once.
+    pub min_revision_max_waiters: usize,
     pub max_staleness: Option<Duration>,
     pub limits: Limits,
     pub metrics: Arc<Metrics>,
@@ -107,6 +123,7 @@ impl Decider {
             sync,
             nonces,
             min_revision_wait,
+            min_revision_max_waiters,
             max_staleness,
             limits,
             metrics,
@@ -118,6 +135,7 @@ impl Decider {
             sync,
             nonces,
             min_revision_wait,
+            min_revision_waiters: Arc::new(tokio::sync::Semaphore::new(min_revision_max_waiters)),
             max_staleness,
             inflight: tokio::sync::Semaphore::new(limits.max_inflight),
             limits,
@@ -178,6 +196,11 @@ impl Decider {
         }
         if current.revision() < min_revision {
             drop(current);
+            // Anyone can ask for a revision that does not exist: the waiting is bounded in time
+            // and in number, so that such calls cannot pile up.
+            let Ok(_permit) = self.min_revision_waiters.try_acquire() else {
+                return Err(AuthzError::TooManyWaiting);
+            };
             self.sync.nudge();
             if !self
                 .sync
@@ -186,7 +209,6 @@ impl Decider {
             {
                 return Err(AuthzError::RevisionNotReached {
                     wanted: min_revision,
-                    current: policy.load().revision(),
                 });
             }
         } else {
@@ -212,6 +234,21 @@ impl Decider {
         };
         let decision = match &self.nonces {
             Nonces::Local(ledger) => pending.settle_locally(ledger),
+            Nonces::Durable { ledger, journal } => {
+                let consume = mode.consumes();
+                let (key, nonce) = (pending.key_id().clone(), pending.nonce());
+                let fresh = ledger.claim(&key, nonce, pending.forget_after(), now, consume);
+                if fresh && consume {
+                    let entry = (fingerprint(&key, nonce), pending.forget_after());
+                    if let Err(error) = journal.record(entry).await {
+                        // Refused: the nonce must stay fresh for the retry.
+                        ledger.release(&key, nonce);
+                        pending.abandon();
+                        return Err(AuthzError::NonceStoreUnavailable(error));
+                    }
+                }
+                pending.finish(fresh)
+            }
             Nonces::Shared { store, fallback } => {
                 let ttl = Duration::from_millis(
                     pending.forget_after().0.saturating_sub(now.0).max(1) as u64,
@@ -234,6 +271,9 @@ impl Decider {
                         pending.settle_locally(ledger)
                     }
                     (Err(error), None) => {
+                        // Refused without a verdict: the request gives back its rate-limit place,
+                        // and the store withdraws a claim that may have landed after all.
+                        pending.abandon();
                         return Err(AuthzError::NonceStoreUnavailable(error.to_string()));
                     }
                 }

@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// How far a signed timestamp may be from now, either way, in seconds. Default 300.
     #[arg(long, env = "KEYFENCE_SIGNATURE_WINDOW_SECS")]
     pub signature_window_secs: Option<u32>,
+    /// Whether every signing key requires a nonce, whatever the key's own `require_nonce` says:
+    /// without one, a signed request can be replayed for the whole signature window. Default
+    /// false.
+    #[arg(long, env = "KEYFENCE_REQUIRE_NONCE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub require_nonce: Option<bool>,
     /// How long an Authorize call with `min_revision` may wait for this replica to catch up, in
     /// milliseconds. Default 2000.
     #[arg(long, env = "KEYFENCE_MIN_REVISION_WAIT_MS")]
@@ -105,6 +110,10 @@ pub struct ServeArgs {
     /// bounded by min_revision_wait_ms, which must be shorter. Default 3000.
     #[arg(long, env = "KEYFENCE_DECISION_TIMEOUT_MS")]
     pub decision_timeout_ms: Option<u64>,
+    /// How many Authorize calls may wait for a `min_revision` at once; more are refused with
+    /// RESOURCE_EXHAUSTED instead of being held. Default 256.
+    #[arg(long, env = "KEYFENCE_MIN_REVISION_MAX_WAITERS")]
+    pub min_revision_max_waiters: Option<usize>,
     /// Log format: `pretty` or `json`. Default pretty.
     #[arg(long, env = "KEYFENCE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -113,6 +122,16 @@ pub struct ServeArgs {
     /// whatever the request's headers say. Default none.
     #[arg(long, env = "KEYFENCE_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Accept trusted-proxy networks wider than /8 (IPv4) or /32 (IPv6). Such a network lets
+    /// most of the internet choose its own client address through X-Forwarded-For, so it is
+    /// refused at start unless this says it is meant. Default false.
+    #[arg(long, env = "KEYFENCE_TRUSTED_PROXIES_ALLOW_WIDE", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub trusted_proxies_allow_wide: Option<bool>,
+    /// Whether Envoy's ext_authz filter buffers request bodies (`with_request_body`). Only then
+    /// does a signed request that announces no length count as having no body; otherwise it is
+    /// denied as BODY_NOT_FORWARDED, since Envoy hides chunked framing. Default false.
+    #[arg(long, env = "KEYFENCE_ENVOY_WITH_REQUEST_BODY", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub envoy_with_request_body: Option<bool>,
     /// Whether a trusted proxy's X-Real-IP names the client (ahead of X-Forwarded-For). Only for
     /// proxies that overwrite it. Default false.
     #[arg(long, env = "KEYFENCE_TRUST_X_REAL_IP", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
@@ -160,6 +179,10 @@ pub struct ServeArgs {
     /// request. Default 65536.
     #[arg(long, env = "KEYFENCE_ACCESS_LOG_QUEUE")]
     pub access_log_queue: Option<usize>,
+    /// Bytes of access records waiting to be written, whatever their number; beyond this they are
+    /// dropped and counted. Default 16777216 (16 MiB).
+    #[arg(long, env = "KEYFENCE_ACCESS_LOG_QUEUE_BYTES")]
+    pub access_log_queue_bytes: Option<usize>,
     /// Access records kept per key. Default 10000.
     #[arg(long, env = "KEYFENCE_ACCESS_LOG_MAX_RECORDS")]
     pub access_log_max_records: Option<usize>,
@@ -179,6 +202,14 @@ pub struct ServeArgs {
     /// POST alerts as JSON to this URL (with retries).
     #[arg(long, env = "KEYFENCE_ALERT_WEBHOOK_URL")]
     pub alert_webhook_url: Option<String>,
+    /// The largest admin request accepted, in bytes; a larger one is refused with OUT_OF_RANGE
+    /// ("decoded message length too large") before it is read into memory. Default 8388608
+    /// (8 MiB).
+    #[arg(long, env = "KEYFENCE_ADMIN_MAX_REQUEST_BYTES")]
+    pub admin_max_request_bytes: Option<usize>,
+    /// The most allowlist entries (or removals) one admin request may carry. Default 10000.
+    #[arg(long, env = "KEYFENCE_ADMIN_MAX_ENTRIES_PER_REQUEST")]
+    pub admin_max_entries_per_request: Option<usize>,
     /// Serve Prometheus metrics at http://<addr>/metrics. Off by default.
     #[arg(long, env = "KEYFENCE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -233,13 +264,17 @@ pub struct Config {
     pub data_allowed_callers: Vec<Cidr>,
     pub environments: Environments,
     pub signature_window: Duration,
+    pub require_nonce: bool,
     pub min_revision_wait: Duration,
     pub shutdown_grace: Duration,
     pub max_inflight: usize,
     pub decision_timeout: Duration,
+    pub min_revision_max_waiters: usize,
     pub log_format: LogFormat,
     /// Proxies whose forwarding headers Envoy's Check believes; empty trusts none.
     pub trusted_proxies: Vec<Cidr>,
+    pub trusted_proxies_allow_wide: bool,
+    pub envoy_with_request_body: bool,
     pub trust_x_real_ip: bool,
     pub detailed_denials: bool,
     pub detailed_denials_include_allowlist: bool,
@@ -251,6 +286,7 @@ pub struct Config {
     pub sync_interval: Duration,
     pub max_staleness: Option<Duration>,
     pub access_log: AccessLogSettings,
+    pub admin_limits: AdminLimits,
     pub metrics_listen: Option<SocketAddr>,
     pub otlp_endpoint: Option<String>,
 }
@@ -259,8 +295,16 @@ pub struct Config {
 pub struct AccessLogSettings {
     pub enabled: bool,
     pub queue_capacity: usize,
+    pub queue_max_bytes: usize,
     pub retention: Retention,
     pub alerts: AlertConfig,
+}
+
+/// Bounds on one admin request.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    pub max_request_bytes: usize,
+    pub max_entries_per_request: usize,
 }
 
 #[derive(Clone)]
@@ -271,13 +315,43 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The URL with any password replaced, for logs.
+    /// The URL without credentials or query, for logs.
     pub fn redacted_url(&self) -> String {
-        match (self.url.split_once("://"), self.url.rfind('@')) {
-            (Some((scheme, _)), Some(at)) => format!("{scheme}://<redacted>{}", &self.url[at..]),
-            _ => self.url.clone(),
-        }
+        redacted_url(&self.url)
     }
+}
+
+/// A URL as the configuration logs it: user and password, query and fragment replaced by
+/// `<redacted>` (webhook and Redis URLs often carry a token there), scheme, host, port and path
+/// kept so that an operator can still tell which endpoint is meant.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let host = match authority.rfind('@') {
+        Some(at) => format!("<redacted>@{}", &authority[at + 1..]),
+        None => authority.to_owned(),
+    };
+    let path_end = tail.find(['?', '#']).unwrap_or(tail.len());
+    let (path, extra) = tail.split_at(path_end);
+    let mut out = String::new();
+    if let Some(scheme) = scheme {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    out.push_str(&host);
+    out.push_str(path);
+    if !extra.is_empty() {
+        out.push_str(if extra.starts_with('?') {
+            "?<redacted>"
+        } else {
+            "#<redacted>"
+        });
+    }
+    out
 }
 
 impl Config {
@@ -303,12 +377,16 @@ impl Config {
             data_allowed_callers,
             environments,
             signature_window_secs,
+            require_nonce,
             min_revision_wait_ms,
             shutdown_grace,
             max_inflight,
             decision_timeout_ms,
+            min_revision_max_waiters,
             log_format,
             trusted_proxies,
+            trusted_proxies_allow_wide,
+            envoy_with_request_body,
             trust_x_real_ip,
             detailed_denials,
             detailed_denials_include_allowlist,
@@ -320,12 +398,15 @@ impl Config {
             nonce_fallback_local,
             access_log,
             access_log_queue,
+            access_log_queue_bytes,
             access_log_max_records,
             access_log_max_age_secs,
             alert_max_blocked,
             alert_max_distinct_ips,
             alert_window_secs,
             alert_webhook_url,
+            admin_max_request_bytes,
+            admin_max_entries_per_request,
             metrics_listen,
             otlp_endpoint,
         } = args;
@@ -355,6 +436,7 @@ impl Config {
             )?,
             environments: parse_environments(&environment_names)?,
             signature_window: Duration::from_secs(u64::from(signature_window_secs.unwrap_or(300))),
+            require_nonce: require_nonce.unwrap_or(false),
             min_revision_wait: Duration::from_millis(min_revision_wait_ms.unwrap_or(2000)),
             shutdown_grace: match shutdown_grace {
                 Some(text) => {
@@ -369,6 +451,9 @@ impl Config {
             decision_timeout: Duration::from_millis(decision_timeout_ms.unwrap_or(3000)),
             log_format: log_format.unwrap_or(LogFormat::Pretty),
             trusted_proxies: parse_cidrs("trusted_proxies", &trusted_proxies.unwrap_or_default())?,
+            min_revision_max_waiters: min_revision_max_waiters.unwrap_or(256),
+            trusted_proxies_allow_wide: trusted_proxies_allow_wide.unwrap_or(false),
+            envoy_with_request_body: envoy_with_request_body.unwrap_or(false),
             trust_x_real_ip: trust_x_real_ip.unwrap_or(false),
             detailed_denials: detailed_denials.unwrap_or(false),
             detailed_denials_include_allowlist: detailed_denials_include_allowlist.unwrap_or(false),
@@ -383,6 +468,7 @@ impl Config {
             access_log: AccessLogSettings {
                 enabled: access_log.unwrap_or(true),
                 queue_capacity: access_log_queue.unwrap_or(65_536),
+                queue_max_bytes: access_log_queue_bytes.unwrap_or(16 * 1024 * 1024),
                 retention: Retention {
                     max_records_per_key: access_log_max_records
                         .unwrap_or(defaults.0.max_records_per_key),
@@ -398,6 +484,10 @@ impl Config {
                         .unwrap_or(defaults.1.window),
                     webhook_url: alert_webhook_url.filter(|u| !u.is_empty()),
                 },
+            },
+            admin_limits: AdminLimits {
+                max_request_bytes: admin_max_request_bytes.unwrap_or(8 * 1024 * 1024),
+                max_entries_per_request: admin_max_entries_per_request.unwrap_or(10_000),
             },
             metrics_listen,
             otlp_endpoint: otlp_endpoint.filter(|e| !e.is_empty()),
@@ -492,6 +582,38 @@ impl Config {
                     reason: "must be at least 1".into(),
                 })
             }
+            _ if self.access_log.queue_max_bytes < MIN_ACCESS_LOG_QUEUE_BYTES => {
+                Err(ConfigError::Invalid {
+                    setting: "access_log_queue_bytes",
+                    reason: format!(
+                        "must be at least {MIN_ACCESS_LOG_QUEUE_BYTES}, room for the largest record"
+                    ),
+                })
+            }
+            _ if self.min_revision_max_waiters == 0 => Err(ConfigError::Invalid {
+                setting: "min_revision_max_waiters",
+                reason: "must be at least 1".into(),
+            }),
+            _ if self.admin_limits.max_request_bytes < 64 * 1024
+                || self.admin_limits.max_entries_per_request == 0 =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "admin_max_request_bytes / admin_max_entries_per_request",
+                    reason: "must be at least 65536 bytes and 1 entry".into(),
+                })
+            }
+            _ if !self.trusted_proxies_allow_wide
+                && let Some(wide) = self.trusted_proxies.iter().find(|n| is_wide(**n)) =>
+            {
+                Err(ConfigError::Invalid {
+                    setting: "trusted_proxies",
+                    reason: format!(
+                        "{wide} is wider than /{MAX_TRUSTED_PREFIX_V4} (IPv4) or /{MAX_TRUSTED_PREFIX_V6} (IPv6): \
+                         clients in it could choose their own address through X-Forwarded-For; \
+                         name your proxies' networks, or set trusted_proxies_allow_wide if this is meant"
+                    ),
+                })
+            }
             _ if self.access_log.alerts.window.is_zero() => Err(ConfigError::Invalid {
                 setting: "alert_window_secs",
                 reason: "must be at least 1".into(),
@@ -539,10 +661,12 @@ impl fmt::Debug for Config {
             )
             .field("environments", &self.environments.names())
             .field("signature_window_secs", &self.signature_window.as_secs())
+            .field("require_nonce", &self.require_nonce)
             .field("min_revision_wait_ms", &self.min_revision_wait.as_millis())
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_inflight", &self.max_inflight)
             .field("decision_timeout_ms", &self.decision_timeout.as_millis())
+            .field("min_revision_max_waiters", &self.min_revision_max_waiters)
             .field("log_format", &self.log_format)
             .field(
                 "trusted_proxies",
@@ -552,6 +676,11 @@ impl fmt::Debug for Config {
                     .map(ToString::to_string)
                     .collect::<Vec<_>>(),
             )
+            .field(
+                "trusted_proxies_allow_wide",
+                &self.trusted_proxies_allow_wide,
+            )
+            .field("envoy_with_request_body", &self.envoy_with_request_body)
             .field("trust_x_real_ip", &self.trust_x_real_ip)
             .field("detailed_denials", &self.detailed_denials)
             .field(
@@ -577,8 +706,12 @@ impl fmt::Debug for Config {
                 &self.max_staleness.map(|d| d.as_millis()),
             )
             .field("access_log", &self.access_log)
+            .field("admin_limits", &self.admin_limits)
             .field("metrics_listen", &self.metrics_listen)
-            .field("otlp_endpoint", &self.otlp_endpoint)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(redacted_url),
+            )
             .finish()
     }
 }
@@ -613,6 +746,25 @@ fn read_file(path: &Path) -> Result<ServeArgs, ConfigError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The least room an access-log queue needs: one record of the largest size the edge accepts.
+const MIN_ACCESS_LOG_QUEUE_BYTES: usize = 64 * 1024;
+
+/// The widest trusted-proxy networks accepted without `trusted_proxies_allow_wide`. A /8 is the
+/// largest block one organisation is ever assigned (10.0.0.0/8 holds any private proxy fleet), and
+/// a /32 is the usual IPv6 allocation of a whole provider: a proxy fleet wider than that is not
+/// one's own, and trusting it lets whoever else is in it pick their client address.
+const MAX_TRUSTED_PREFIX_V4: u8 = 8;
+const MAX_TRUSTED_PREFIX_V6: u8 = 32;
+
+fn is_wide(network: Cidr) -> bool {
+    let net = network.net();
+    let least = match net {
+        ipnet::IpNet::V4(_) => MAX_TRUSTED_PREFIX_V4,
+        ipnet::IpNet::V6(_) => MAX_TRUSTED_PREFIX_V6,
+    };
+    net.prefix_len() < least
 }
 
 fn parse_cidrs(setting: &'static str, entries: &[String]) -> Result<Vec<Cidr>, ConfigError> {
@@ -899,6 +1051,81 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(too_tight).is_err());
+    }
+
+    #[test]
+    fn every_logged_url_is_redacted() {
+        let args = ServeArgs {
+            redis_url: Some(
+                "rediss://user:hunter2@redis.internal:6380/0?password=swordfish".into(),
+            ),
+            alert_webhook_url: Some(
+                "https://hook:t0ken@hooks.example.com/alerts?token=s3cret#frag".into(),
+            ),
+            otlp_endpoint: Some("http://otel:passw0rd@collector:4317/?key=abc123".into()),
+            ..Default::default()
+        };
+        let printed = format!("{:?}", Config::resolve(args).unwrap());
+        for secret in [
+            "hunter2",
+            "swordfish",
+            "t0ken",
+            "s3cret",
+            "frag",
+            "passw0rd",
+            "abc123",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        for kept in [
+            "rediss://<redacted>@redis.internal:6380/0?<redacted>",
+            "https://<redacted>@hooks.example.com/alerts?<redacted>",
+            "http://<redacted>@collector:4317/?<redacted>",
+        ] {
+            assert!(printed.contains(kept), "{kept} not in {printed}");
+        }
+        assert_eq!(
+            redacted_url("http://127.0.0.1:9/hook"),
+            "http://127.0.0.1:9/hook"
+        );
+        assert_eq!(
+            redacted_url("redis://a@b@host?x#y"),
+            "redis://<redacted>@host?<redacted>"
+        );
+    }
+
+    #[test]
+    fn wide_trusted_proxies_are_refused_unless_allowed() {
+        for wide in [
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.0/7",
+            "2001::/31",
+            "::ffff:0.0.0.0/96",
+        ] {
+            let args = ServeArgs {
+                trusted_proxies: Some(vec!["192.0.2.0/24".into(), wide.into()]),
+                ..Default::default()
+            };
+            let message = Config::resolve(args.clone()).err().unwrap().to_string();
+            assert!(
+                message.starts_with("trusted_proxies: "),
+                "{wide}: {message}"
+            );
+            assert!(message.contains("trusted_proxies_allow_wide"), "{message}");
+            let allowed = ServeArgs {
+                trusted_proxies_allow_wide: Some(true),
+                ..args
+            };
+            assert!(Config::resolve(allowed).is_ok(), "{wide}");
+        }
+        for narrow in ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"] {
+            let args = ServeArgs {
+                trusted_proxies: Some(vec![narrow.into()]),
+                ..Default::default()
+            };
+            assert!(Config::resolve(args).is_ok(), "{narrow}");
+        }
     }
 
     #[test]

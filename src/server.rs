@@ -14,6 +14,7 @@ use keyfence_store::{
     Store, StoreError,
     access_log::{AccessLogStore, embedded::EmbeddedAccessLog},
     embedded::EmbeddedStore,
+    nonce_log::NonceJournal,
     redis::{CHANGE_LOG_LEN, RedisOptions, RedisStore},
     sealing::Sealer,
 };
@@ -22,11 +23,11 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use crate::{
     access::{self, AccessLogConfig, AccessRecorder},
     authn::{AdminCredentials, AuthnError, CredentialSettings, TokenSource},
-    authz::{Decider, DeciderParts, Limits, Nonces},
+    authz::{Decider, DeciderParts, Limits, Nonces, journal::Journal},
     config::Config,
     grpc::{
         auth::AdminAuth,
-        ext_authz::{ExtAuthzSettings, denial::DenialDetail},
+        ext_authz::{BodyReport, ExtAuthzSettings, denial::DenialDetail},
         planes::{self, AllowedCallers, GrpcError, PlaneHealth, Transport},
         tls::{ReloadingTls, TlsError, TlsFiles},
     },
@@ -107,14 +108,23 @@ struct Backends {
 
 fn backends(config: &Config, sealer: Option<Arc<Sealer>>) -> Result<Backends, ServerError> {
     Ok(match &config.redis {
-        None => Backends {
-            store: Arc::new(EmbeddedStore::open(
+        None => {
+            let store = Arc::new(EmbeddedStore::open(
                 &config.data_dir,
                 sealer.expect("the embedded store always has a secrets key file"),
-            )?),
-            access_log: Arc::new(EmbeddedAccessLog::open(&config.data_dir)?),
-            nonces: Nonces::Local(NonceLedger::default()),
-        },
+            )?);
+            let ledger = NonceLedger::default();
+            let journal = Journal::start(
+                NonceJournal::open(&config.data_dir)?,
+                &ledger,
+                Arc::new(SystemClock),
+            )?;
+            Backends {
+                store,
+                access_log: Arc::new(EmbeddedAccessLog::open(&config.data_dir)?),
+                nonces: Nonces::Durable { ledger, journal },
+            }
+        }
         Some(redis) => {
             let store = RedisStore::connect(RedisOptions {
                 url: redis.url.clone(),
@@ -193,6 +203,7 @@ fn start_access_log(
         access_log,
         AccessLogConfig {
             queue_capacity: config.access_log.queue_capacity,
+            queue_max_bytes: config.access_log.queue_max_bytes,
             retention: config.access_log.retention,
             last_used_flush: LAST_USED_FLUSH,
             alerts: config.access_log.alerts.clone(),
@@ -215,6 +226,11 @@ fn ext_authz_settings(config: &Config) -> ExtAuthzSettings {
         ) {
             (false, _) => DenialDetail::Opaque,
             (true, include_allowlist) => DenialDetail::Detailed { include_allowlist },
+        },
+        bodies: if config.envoy_with_request_body {
+            BodyReport::Forwarded
+        } else {
+            BodyReport::Unknown
         },
     }
 }
@@ -344,11 +360,13 @@ pub async fn run(
     let decider = Arc::new(Decider::new(DeciderParts {
         engine: Engine {
             signature_window_secs: config.signature_window.as_secs() as i64,
+            require_nonce: config.require_nonce,
         },
         clock: Arc::new(SystemClock),
         sync: sync.clone(),
         nonces,
         min_revision_wait: config.min_revision_wait,
+        min_revision_max_waiters: config.min_revision_max_waiters,
         max_staleness: config.max_staleness,
         limits: Limits {
             max_inflight: config.max_inflight,
@@ -365,6 +383,7 @@ pub async fn run(
         random: Arc::new(OsRandom),
         environments: config.environments.clone(),
         visibility_wait: WRITE_VISIBILITY_WAIT,
+        max_entries_per_request: config.admin_limits.max_entries_per_request,
     }));
 
     let (data_health, admin_health) = (PlaneHealth::data(), PlaneHealth::admin());
@@ -398,7 +417,13 @@ pub async fn run(
         closing.stopped(),
     );
     let admin_plane = planes::serve(
-        planes::admin_plane(admin, AdminAuth::new(credentials), &admin_health, &metrics)?,
+        planes::admin_plane(
+            admin,
+            AdminAuth::new(credentials),
+            &admin_health,
+            config.admin_limits.max_request_bytes,
+            &metrics,
+        )?,
         listeners.admin,
         transport("admin", &config.admin_tls, &finished)?,
         closing.stopped(),

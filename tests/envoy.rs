@@ -275,7 +275,7 @@ async fn other_sources_and_bad_keys_get_the_same_opaque_401() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "limited".into(),
-            ip_allowlist_enabled: false,
+            ip_allowlist_enabled: Some(false),
             rate_limit: Some(pb::RateLimit {
                 requests_per_second: 1,
                 burst: 1,

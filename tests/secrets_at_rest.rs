@@ -566,6 +566,7 @@ fn legacy_record(id: &str, api_key: &str, secret: &[u8]) -> (String, String) {
         },
         rate_limit: None,
         expires_at: None,
+        require_nonce: false,
         created: audit.clone(),
         updated: audit.clone(),
     };

@@ -119,7 +119,7 @@ async fn named_tokens_record_their_principal_and_the_actor_only_adds_detail() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "audited".into(),
-            ip_allowlist_enabled: true,
+            ip_allowlist_enabled: Some(true),
             allowlist: vec![entry("203.0.113.0/24")],
             ..Default::default()
         },

@@ -82,11 +82,9 @@ async fn ipv4_ipv6_cidr_mixed_and_mapped_addresses() {
             "{ip}"
         );
     }
-    let response = authz
-        .authorize(authorize_request(secret, "2001:db8:5::9"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut request = authorize_request(secret, "2001:db8:5::9");
+    request.min_revision = key.revision;
+    let response = authz.authorize(request).await.unwrap().into_inner();
     assert_eq!(response.matched_cidr, "2001:db8::/32");
     assert_eq!(response.key_id, key.key.as_ref().unwrap().id);
     assert_eq!(response.partner_id, "acme");
@@ -170,7 +168,7 @@ async fn every_deny_reason_over_grpc() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "short-lived".into(),
-            ip_allowlist_enabled: false,
+            ip_allowlist_enabled: Some(false),
             expires_at: Some(prost_types::Timestamp {
                 seconds: now_secs() + 2,
                 nanos: 0,
@@ -257,7 +255,7 @@ async fn every_deny_reason_over_grpc() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "limited".into(),
-            ip_allowlist_enabled: false,
+            ip_allowlist_enabled: Some(false),
             rate_limit: Some(pb::RateLimit {
                 requests_per_second: 1,
                 burst: 3,
@@ -346,7 +344,7 @@ async fn strict_parsing_rejects_ambiguous_entries_naming_the_field() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "n".into(),
-            ip_allowlist_enabled: true,
+            ip_allowlist_enabled: Some(true),
             allowlist: vec![entry("10.0.0.1/8")],
             ..Default::default()
         })
@@ -500,7 +498,7 @@ async fn create_key_rejects_a_duplicate_network_as_additions_do() {
         partner_id: "acme".into(),
         environment: "production".into(),
         name: "duplicate networks".into(),
-        ip_allowlist_enabled: true,
+        ip_allowlist_enabled: Some(true),
         allowlist: vec![entry("192.0.2.1"), entry("10.0.0.0/8"), entry("10.0.0.0/8")],
         ..Default::default()
     };
@@ -873,7 +871,7 @@ async fn ed25519_signatures_over_grpc() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "ed".into(),
-            ip_allowlist_enabled: true,
+            ip_allowlist_enabled: Some(true),
             allowlist: vec![entry("203.0.113.0/24")],
             signature_scheme: pb::SignatureScheme::Ed25519 as i32,
             public_key: signer.verifying_key().to_bytes().to_vec(),
@@ -1023,7 +1021,7 @@ async fn report_only_allows_and_reports() {
             partner_id: "acme".into(),
             environment: "production".into(),
             name: "rollout".into(),
-            ip_allowlist_enabled: true,
+            ip_allowlist_enabled: Some(true),
             allowlist: vec![entry("203.0.113.0/24")],
             enforcement: pb::Enforcement::ReportOnly as i32,
             ..Default::default()

@@ -32,6 +32,7 @@ fn record(id: &str, partner: &str, env: &str) -> KeyRecord {
         signature: SignatureScheme::HmacSha256 {
             secret: vec![7; 32],
         },
+        require_nonce: false,
         rate_limit: None,
         expires_at: None,
         created: audit(),

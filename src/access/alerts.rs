@@ -17,7 +17,7 @@ use keyfence_store::access_log::{Entry, KeyIdentity};
 
 use crate::telemetry::metrics::Metrics;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AlertConfig {
     /// Blocked attempts in one window above which a key alerts.
     pub max_blocked: u32,
@@ -26,6 +26,21 @@ pub struct AlertConfig {
     pub window: Duration,
     /// Where to POST alerts (http:// or https://); none means log and metric only.
     pub webhook_url: Option<String>,
+}
+
+/// The webhook URL often carries a token: printed without credentials or query.
+impl std::fmt::Debug for AlertConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertConfig")
+            .field("max_blocked", &self.max_blocked)
+            .field("max_distinct_ips", &self.max_distinct_ips)
+            .field("window", &self.window)
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_deref().map(crate::config::redacted_url),
+            )
+            .finish()
+    }
 }
 
 impl Default for AlertConfig {
@@ -190,6 +205,8 @@ async fn deliver(url: String, mut alerts: mpsc::Receiver<Alert>, metrics: Arc<Me
                     tracing::warn!(status = %response.status(), attempt, key_id = %alert.key_id, "alert webhook refused the alert");
                 }
                 Err(error) => {
+                    // reqwest names the URL in its errors; the URL may carry a token.
+                    let error = error.without_url();
                     tracing::warn!(%error, attempt, key_id = %alert.key_id, "alert webhook unreachable");
                 }
             }

@@ -102,6 +102,9 @@ pub struct CreateArgs {
     /// Requests per second per replica, with an optional burst: 100 or 100/200.
     #[arg(long, value_parser = parse_rate_limit)]
     rate_limit: Option<pb::RateLimit>,
+    /// Deny signed requests that carry no nonce (they could be replayed within the window).
+    #[arg(long)]
+    require_nonce: bool,
     #[command(flatten)]
     expiry: ExpiryArgs,
     /// Write the secret to this file (mode 0600) instead of printing it.
@@ -125,6 +128,9 @@ pub struct UpdateArgs {
     /// Turn the IP allowlist on or off.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     ip_allowlist: Option<bool>,
+    /// Whether signed requests must carry a nonce.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    require_nonce: Option<bool>,
     /// Enforce the IP allowlist, or only report what it would deny.
     #[arg(long, value_enum)]
     enforcement: Option<EnforcementArg>,
@@ -343,7 +349,7 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                 partner_id: args.partner,
                 environment: args.environment,
                 name: args.name,
-                ip_allowlist_enabled: !args.no_ip_allowlist,
+                ip_allowlist_enabled: Some(!args.no_ip_allowlist),
                 allowlist: args
                     .allow
                     .into_iter()
@@ -365,6 +371,7 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                     pb::Enforcement::Enforce
                 } as i32,
                 rate_limit: args.rate_limit,
+                require_nonce: args.require_nonce,
             };
             let response = match admin.create_key(request).await {
                 Ok(response) => response.into_inner(),
@@ -480,6 +487,7 @@ pub async fn run(client: &ClientOptions, command: KeysCommand) -> Result<(), Cli
                     Some(EnforcementArg::ReportOnly) => pb::Enforcement::ReportOnly,
                 } as i32,
                 rate_limit: args.rate_limit,
+                require_nonce: args.require_nonce,
             };
             let response = admin.update_key(request).await?.into_inner();
             show_key(

@@ -108,6 +108,7 @@ pub fn key_json(key: &pb::ApiKey) -> Value {
         "ip_allowlist_enabled": key.ip_allowlist_enabled,
         "enforcement": enforcement_name(key.enforcement),
         "signature_scheme": scheme_name(key.signature_scheme),
+        "require_nonce": key.require_nonce,
         "public_key": if key.public_key.is_empty() { Value::Null } else { Value::String(hex::encode(&key.public_key)) },
         "expires_at": json_time(&key.expires_at),
         "created_at": json_time(&key.created_at),
@@ -145,6 +146,15 @@ pub fn key_fields(key: &pb::ApiKey) {
         ),
         ("enforcement", enforcement_name(key.enforcement).into()),
         ("signature", scheme_name(key.signature_scheme).into()),
+        (
+            "nonce",
+            if key.require_nonce {
+                "required"
+            } else {
+                "optional"
+            }
+            .into(),
+        ),
         ("rate limit", rate),
         ("expires", time(&key.expires_at)),
         (

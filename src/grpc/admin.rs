@@ -104,6 +104,7 @@ impl AdminRpc for AdminService {
             enforcement: convert::enforcement("enforcement", request.enforcement)?
                 .unwrap_or(Enforcement::Enforce),
             ip_allowlist_enabled: request.ip_allowlist_enabled,
+            require_nonce: request.require_nonce,
             rate_limit: convert::rate_limit(request.rate_limit),
             allowlist: convert::new_entries("allowlist", request.allowlist)?,
         };
@@ -203,6 +204,7 @@ impl AdminRpc for AdminService {
             },
             enforcement: convert::enforcement("enforcement", request.enforcement)?,
             rate_limit: request.rate_limit.map(|r| convert::rate_limit(Some(r))),
+            require_nonce: request.require_nonce,
         };
         let committed = self
             .admin

@@ -50,11 +50,15 @@ impl Authorizer for AuthorizerService {
             .decide(&question, request.min_revision, Mode::Enforce, origin)
             .await?;
         record_decision(&decision);
-        Ok(Response::new(authorize_response(&decision)))
+        Ok(Response::new(authorize_response(
+            &decision,
+            request.min_revision > 0,
+        )))
     }
 }
 
-fn authorize_response(decision: &Decision) -> pb::AuthorizeResponse {
+/// The answer; the policy revision only for a caller that asked for one (`min_revision`).
+fn authorize_response(decision: &Decision, revision_asked: bool) -> pb::AuthorizeResponse {
     let convert::DecisionFields {
         decision: verdict,
         reason,
@@ -72,7 +76,7 @@ fn authorize_response(decision: &Decision) -> pb::AuthorizeResponse {
             .matched
             .map(|m| m.cidr.to_string())
             .unwrap_or_default(),
-        policy_revision: decision.revision,
+        policy_revision: if revision_asked { decision.revision } else { 0 },
         would_deny: decision.would_deny.is_some(),
     }
 }

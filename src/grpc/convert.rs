@@ -185,6 +185,7 @@ pub fn api_key(record: &KeyRecord) -> pb::ApiKey {
         }),
         last_used_at: None,
         last_used_ip: String::new(),
+        require_nonce: record.require_nonce,
     }
 }
 
@@ -217,6 +218,7 @@ pub fn deny_reason(reason: Option<DenyReason>) -> pb::DenyReason {
         Some(DenyReason::NonceReused) => pb::DenyReason::NonceReused,
         Some(DenyReason::RateLimited) => pb::DenyReason::RateLimited,
         Some(DenyReason::BodyNotForwarded) => pb::DenyReason::BodyNotForwarded,
+        Some(DenyReason::NonceMissing) => pb::DenyReason::NonceMissing,
     }
 }
 

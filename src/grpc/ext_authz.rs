@@ -51,11 +51,11 @@ use keyfence_policy::{
 };
 use keyfence_store::access_log::Frontend;
 
-use super::decision_io::{MAX_API_KEY_BYTES, MAX_NONCE_BYTES, record_decision};
+use super::decision_io::{
+    FieldProblem, check_api_key, check_method, check_nonce, check_path, check_signature,
+    record_decision,
+};
 use crate::{authz::Decider, system::SystemClock};
-
-/// A base64 Ed25519 signature is 88 characters; anything this long is not a signature.
-pub const MAX_SIGNATURE_BYTES: usize = 512;
 
 /// Headers the upstream must not see: the credential and the signature it was checked with.
 const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "x-signature", "x-timestamp", "x-nonce"];
@@ -65,6 +65,23 @@ const CREDENTIAL_HEADERS: [&str; 4] = ["x-api-key", "x-signature", "x-timestamp"
 pub struct ExtAuthzSettings {
     pub trusted_proxies: TrustedProxies,
     pub denials: DenialDetail,
+    /// How far Envoy's report on the body can be taken.
+    pub bodies: BodyReport,
+}
+
+/// What Envoy's ext_authz filter tells about request bodies, by its configuration. Envoy drops
+/// `transfer-encoding` from the headers it sends, and HTTP/2 needs no `content-length`, so a
+/// request that announces no length looks the same whether it had no body or a chunked one;
+/// only an Envoy that buffers bodies (`with_request_body`) says which, by forwarding the body
+/// with its own `x-envoy-auth-partial-body`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyReport {
+    /// Envoy buffers bodies: a request it forwards no body for, and that announces no length,
+    /// had none.
+    Forwarded,
+    /// Envoy may not buffer bodies: a signed request must announce its length
+    /// (`content-length`), or its body counts as unseen (`BODY_NOT_FORWARDED`).
+    Unknown,
 }
 
 pub struct ExtAuthzService {
@@ -79,7 +96,7 @@ impl ExtAuthzService {
 
     async fn answer(&self, request: &CheckRequest) -> CheckResponse {
         let span = tracing::Span::current();
-        let question = match read(request) {
+        let question = match read(request, self.settings.bodies) {
             Ok(question) => question,
             Err(denial) => return self.deny(&denial),
         };
@@ -198,20 +215,20 @@ impl Authorization for ExtAuthzService {
 
 /// Which header carried the key; a bearer key's `authorization` header is stripped with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KeyHeader {
+pub enum KeyHeader {
     ApiKey,
     Bearer,
 }
 
-/// Envoy's request, read and size-checked.
-struct Question<'a> {
+/// Envoy's request, read and size-checked: what the engine is asked about.
+pub struct Question<'a> {
     /// The presented key: hashed by the engine, never printed (see the `Debug` below).
-    key: &'a str,
-    key_from: KeyHeader,
-    origin: Origin<'a>,
-    signature: Option<SignedRequest<'a>>,
+    pub key: &'a str,
+    pub key_from: KeyHeader,
+    pub origin: Origin<'a>,
+    pub signature: Option<SignedRequest<'a>>,
     /// HTTP method and path, for the access log.
-    endpoint: Option<(&'a str, &'a str)>,
+    pub endpoint: Option<(&'a str, &'a str)>,
 }
 
 impl std::fmt::Debug for Question<'_> {
@@ -225,7 +242,9 @@ impl std::fmt::Debug for Question<'_> {
     }
 }
 
-fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
+/// Reads Envoy's request into the engine's question, or the denial bad input gets. Public for the
+/// fuzz target of the Check mapping (`fuzz/`).
+pub fn read(request: &CheckRequest, bodies: BodyReport) -> Result<Question<'_>, Denial> {
     let attributes = request.attributes.as_ref();
     let http = attributes
         .and_then(|a| a.request.as_ref())
@@ -241,10 +260,15 @@ fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
         (None, None) => return Err(Denial::KeyMissing),
     };
     let key_header = match key_from {
-        KeyHeader::ApiKey => "x-api-key",
-        KeyHeader::Bearer => "authorization",
+        KeyHeader::ApiKey => "x-api-key header",
+        KeyHeader::Bearer => "authorization header",
     };
-    within(key_header, key, MAX_API_KEY_BYTES)?;
+    field(key_header, check_api_key(key))?;
+    // Method and path are logged whether or not the request is signed.
+    if let Some(http) = http {
+        field("request method", check_method(&http.method))?;
+        field("request path", check_path(&http.path))?;
+    }
 
     let peer = attributes
         .and_then(|a| a.source.as_ref())
@@ -261,7 +285,7 @@ fn read(request: &CheckRequest) -> Result<Question<'_>, Denial> {
     };
 
     let signature = match (headers.get("x-signature"), http) {
-        (Some(signature), Some(http)) => Some(signed_request(signature, &headers, http)?),
+        (Some(signature), Some(http)) => Some(signed_request(signature, &headers, http, bodies)?),
         _ => None,
     };
     Ok(Question {
@@ -277,10 +301,11 @@ fn signed_request<'a>(
     signature: &'a str,
     headers: &Headers<'a>,
     http: &'a HttpRequest,
+    bodies: BodyReport,
 ) -> Result<SignedRequest<'a>, Denial> {
-    within("x-signature", signature, MAX_SIGNATURE_BYTES)?;
+    field("x-signature header", check_signature(signature))?;
     let nonce = headers.get("x-nonce").unwrap_or("");
-    within("x-nonce", nonce, MAX_NONCE_BYTES)?;
+    field("x-nonce header", check_nonce(nonce))?;
     // A missing or malformed timestamp is no timestamp: 0, which the window rejects.
     let timestamp = headers
         .get("x-timestamp")
@@ -298,29 +323,34 @@ fn signed_request<'a>(
         method: &http.method,
         path: &http.path,
         body,
-        body_complete: body_complete(headers, body.len()),
+        body_complete: body_complete(headers, body.len(), bodies),
     })
 }
 
-/// Whether `seen` bytes are the whole body. With `with_request_body` Envoy always says whether it
-/// truncated (`x-envoy-auth-partial-body`, a header it never takes from the client). Without it,
-/// a request that announces a body (a non-zero content-length, or chunked) had one we never saw.
-/// A body that is neither announced nor forwarded (HTTP/2 without content-length, when Envoy
-/// buffers no body) cannot be told apart from none: configure `with_request_body` for signing keys.
-fn body_complete(headers: &Headers<'_>, seen: usize) -> bool {
-    let content_length = headers.get("content-length");
-    let length_matches = |length: &str| length.parse::<u64>().ok() == u64::try_from(seen).ok();
-    match headers.get("x-envoy-auth-partial-body") {
-        Some(partial) => partial == "false" && content_length.is_none_or(length_matches),
-        None => match content_length {
-            Some(length) => length_matches(length),
-            None => {
-                let chunked = headers
-                    .get("transfer-encoding")
-                    .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
-                !chunked || seen > 0
-            }
-        },
+/// Whether `seen` bytes (what Envoy forwarded) are the whole body, from what Envoy itself reports.
+/// `x-envoy-auth-partial-body` is Envoy's only when Envoy forwarded a body (it overwrites any
+/// client's then); otherwise it is whatever the client sent, so it can take completeness away but
+/// never grant it:
+/// - any value but `false` means truncated;
+/// - an announced `content-length` must equal what was forwarded;
+/// - without one, a forwarded body is whole only on Envoy's own `false`, and no body was there
+///   only if Envoy buffers bodies ([`BodyReport::Forwarded`]): otherwise a chunked or HTTP/2 body
+///   Envoy did not forward is indistinguishable from none.
+fn body_complete(headers: &Headers<'_>, seen: usize, bodies: BodyReport) -> bool {
+    let partial = headers.get("x-envoy-auth-partial-body");
+    if partial.is_some_and(|partial| partial != "false") {
+        return false;
+    }
+    if let Some(length) = headers.get("content-length") {
+        return length.parse::<u64>().ok() == u64::try_from(seen).ok();
+    }
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+    if seen > 0 {
+        partial == Some("false")
+    } else {
+        !chunked && bodies == BodyReport::Forwarded
     }
 }
 
@@ -331,11 +361,12 @@ fn bearer(authorization: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-fn within(header: &'static str, value: &str, max: usize) -> Result<(), Denial> {
-    if value.len() > max {
-        return Err(Denial::HeaderTooLong { header, max });
-    }
-    Ok(())
+/// A field check's failure as the denial Check answers with (`INVALID_REQUEST` when detailed).
+fn field(name: &'static str, check: Result<(), FieldProblem>) -> Result<(), Denial> {
+    check.map_err(|problem| Denial::InvalidRequest {
+        field: name,
+        problem,
+    })
 }
 
 /// Envoy's header map: names lower-cased, repeated headers joined with commas.

@@ -36,8 +36,9 @@ use crate::{
 /// A listener's router: its services behind the gRPC metrics layer.
 pub type PlaneRouter = Router<tower_layer::Stack<GrpcMetricsLayer, tower_layer::Identity>>;
 
-/// Admin requests may carry whole allowlists (100,000 entries is a few MiB).
-const ADMIN_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Admin answers may carry a whole allowlist, built up by many requests; what a request may carry
+/// is the deployment's `admin_max_request_bytes`.
+const ADMIN_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What the data plane serves.
 const DATA_SERVICES: [&str; 2] = [
@@ -209,17 +210,21 @@ pub fn data_plane(
 }
 
 /// Admin (behind its authentication), health and reflection.
+/// The admin listener's router. A request larger than `max_request_bytes` is refused by tonic
+/// from its length prefix (OUT_OF_RANGE, "decoded message length too large"), before its body is
+/// read into memory.
 pub fn admin_plane(
     admin: Arc<Admin>,
     auth: AdminAuth,
     health: &PlaneHealth,
+    max_request_bytes: usize,
     metrics: &Metrics,
 ) -> Result<PlaneRouter, GrpcError> {
     Ok(
         common(health, &ADMIN_SERVICES, metrics)?.add_service(InterceptedService::new(
             AdminServer::new(AdminService::new(admin))
-                .max_decoding_message_size(ADMIN_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(ADMIN_MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(max_request_bytes)
+                .max_encoding_message_size(ADMIN_MAX_RESPONSE_BYTES),
             auth,
         )),
     )

@@ -21,12 +21,15 @@ pub fn invalid(field: impl Display, reason: impl Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
-/// No decision could be made: the caller must not take this as an allow or a deny.
+/// No decision could be made: the caller must not take this as an allow or a deny. Too many
+/// callers already waiting for a revision is RESOURCE_EXHAUSTED (retry later); the rest is
+/// UNAVAILABLE.
 impl From<AuthzError> for Status {
     fn from(error: AuthzError) -> Status {
         match error {
             AuthzError::Overloaded { .. } => Status::resource_exhausted(error.to_string()),
             AuthzError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
+            AuthzError::TooManyWaiting => Status::resource_exhausted(error.to_string()),
             AuthzError::NotLoaded
             | AuthzError::RevisionNotReached { .. }
             | AuthzError::Stale { .. }

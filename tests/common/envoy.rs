@@ -410,7 +410,12 @@ async fn send_inner(
     for (name, value) in &request.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    if !request.body.is_empty() || request.method == "POST" {
+    // A request that frames its own body (transfer-encoding) gets no content-length.
+    let framed = request
+        .headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("transfer-encoding"));
+    if !framed && (!request.body.is_empty() || request.method == "POST") {
         head.push_str(&format!("content-length: {}\r\n", request.body.len()));
     }
     head.push_str("\r\n");

@@ -328,7 +328,7 @@ pub async fn create_key(
             partner_id: partner.into(),
             environment: environment.into(),
             name: format!("{partner} test key"),
-            ip_allowlist_enabled: true,
+            ip_allowlist_enabled: Some(true),
             allowlist: cidrs.iter().map(|c| entry(c)).collect(),
             ..Default::default()
         })
@@ -344,7 +344,7 @@ pub fn hmac_key_request(name: &str, cidrs: &[&str]) -> pb::CreateKeyRequest {
         partner_id: "acme".into(),
         environment: "production".into(),
         name: name.into(),
-        ip_allowlist_enabled: !cidrs.is_empty(),
+        ip_allowlist_enabled: Some(!cidrs.is_empty()),
         allowlist: cidrs.iter().map(|c| entry(c)).collect(),
         signature_scheme: pb::SignatureScheme::HmacSha256 as i32,
         ..Default::default()

@@ -9,6 +9,7 @@ use keyfence_store::{AllowlistEdit, Committed};
 use crate::{
     Admin,
     error::{AdminError, AdminResult, EntryPart, Field},
+    input,
     keys::in_future,
     principal::Principal,
     rules::{self, RuleViolation},
@@ -71,6 +72,8 @@ impl Admin {
         if networks.is_empty() {
             return Err(AdminError::invalid(Field::Removals, "is empty"));
         }
+        input::entry_count(networks.len(), self.parts.max_entries_per_request)
+            .map_err(|reason| AdminError::invalid(Field::Removals, reason))?;
         let audit = self.audit(principal);
         let count = networks.len();
         self.edit_allowlist(
@@ -109,6 +112,8 @@ impl Admin {
         entries: Vec<NewEntry>,
         audit: &Audit,
     ) -> AdminResult<Vec<AllowlistEntry>> {
+        input::entry_count(entries.len(), self.parts.max_entries_per_request)
+            .map_err(|reason| AdminError::invalid(Field::Entries, reason))?;
         entries
             .into_iter()
             .enumerate()

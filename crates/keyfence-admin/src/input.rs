@@ -13,6 +13,19 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 /// The most keys or access records one page may hold.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// A list of entries (or removals) of one request, against the deployment's bound. One request
+/// holds the whole list several times over while it is decoded, checked, stored and compiled, so
+/// the bound is on the request; a larger list is built by several. `Err` is the reason.
+pub fn entry_count(count: usize, max: usize) -> Result<(), String> {
+    if count > max {
+        return Err(format!(
+            "holds {count} entries, more than the {max} one request may carry \
+             (admin_max_entries_per_request); send them in several requests"
+        ));
+    }
+    Ok(())
+}
+
 /// Free text (a name, a description): no control characters, at most `max_chars` characters,
 /// and not blank when `required`. `Err` is the reason.
 pub fn text(value: String, max_chars: usize, required: bool) -> Result<String, String> {
@@ -31,6 +44,16 @@ pub fn text(value: String, max_chars: usize, required: bool) -> Result<String, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_counts_are_bounded() {
+        assert!(entry_count(3, 3).is_ok());
+        assert_eq!(
+            entry_count(4, 3).unwrap_err(),
+            "holds 4 entries, more than the 3 one request may carry \
+             (admin_max_entries_per_request); send them in several requests"
+        );
+    }
 
     #[test]
     fn text_is_bounded_and_printable() {

@@ -36,7 +36,11 @@ pub struct NewKey {
     /// Must lie in the future.
     pub expires_at: Option<UnixMillis>,
     pub enforcement: Enforcement,
-    pub ip_allowlist_enabled: bool,
+    /// `None` (not said) means enabled: a key is unrestricted only when asked for explicitly, so
+    /// a request that lists entries and forgets this flag cannot make an open key.
+    pub ip_allowlist_enabled: Option<bool>,
+    /// Signed requests must carry a nonce.
+    pub require_nonce: bool,
     pub rate_limit: Option<RateLimit>,
     /// The key's own allowlist: distinct networks, expiries in the future.
     pub allowlist: Vec<NewEntry>,
@@ -61,6 +65,7 @@ pub struct KeyChanges {
     pub enforcement: Option<Enforcement>,
     /// `Some(None)` removes the limit.
     pub rate_limit: Option<Option<RateLimit>>,
+    pub require_nonce: Option<bool>,
 }
 
 impl KeyChanges {
@@ -72,6 +77,7 @@ impl KeyChanges {
             expires_at,
             enforcement,
             rate_limit,
+            require_nonce,
         } = self;
         name.is_none()
             && enabled.is_none()
@@ -79,6 +85,7 @@ impl KeyChanges {
             && expires_at.is_none()
             && enforcement.is_none()
             && rate_limit.is_none()
+            && require_nonce.is_none()
     }
 }
 
@@ -156,9 +163,10 @@ impl Admin {
             secret_hash: minted.hash,
             previous_secret: None,
             status: KeyStatus::Active,
-            ip_allowlist_enabled: new.ip_allowlist_enabled,
+            ip_allowlist_enabled: new.ip_allowlist_enabled.unwrap_or(true),
             enforcement: new.enforcement,
             signature,
+            require_nonce: new.require_nonce,
             rate_limit: new.rate_limit,
             expires_at,
             created: audit.clone(),
@@ -234,6 +242,7 @@ impl Admin {
                 expires_at,
                 enforcement,
                 rate_limit,
+                require_nonce,
             } = &changes;
             if let Some(name) = name {
                 record.name = name.clone();
@@ -256,6 +265,9 @@ impl Admin {
             }
             if let Some(rate_limit) = rate_limit {
                 record.rate_limit = *rate_limit;
+            }
+            if let Some(require_nonce) = require_nonce {
+                record.require_nonce = *require_nonce;
             }
             Ok(())
         })
@@ -344,9 +356,17 @@ impl Admin {
                 ))
             }
             Signing::Ed25519 { public_key } => {
-                ed25519_dalek::VerifyingKey::from_bytes(&public_key).map_err(|_| {
+                let key = ed25519_dalek::VerifyingKey::from_bytes(&public_key).map_err(|_| {
                     AdminError::invalid(Field::PublicKey, "is not a valid Ed25519 public key")
                 })?;
+                // A point of small order verifies signatures no private key made (or none at
+                // all): a key nobody can sign for correctly, or anyone can.
+                if key.is_weak() {
+                    return Err(AdminError::invalid(
+                        Field::PublicKey,
+                        "is a weak Ed25519 public key (a point of small order)",
+                    ));
+                }
                 Ok((SignatureScheme::Ed25519 { public_key }, None))
             }
         }

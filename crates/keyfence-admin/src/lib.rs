@@ -53,6 +53,8 @@ pub struct AdminParts {
     pub environments: Environments,
     /// How long a mutation waits for this replica's snapshot to include it.
     pub visibility_wait: Duration,
+    /// The most allowlist entries (or removals) one request may carry.
+    pub max_entries_per_request: usize,
 }
 
 impl Admin {

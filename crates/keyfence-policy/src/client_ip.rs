@@ -123,7 +123,7 @@ fn parse_hop(text: &str) -> Result<ClientIp, IpParseError> {
     if let Ok(ip) = text.parse::<ClientIp>() {
         return Ok(ip);
     }
-    let bad = || IpParseError::BadAddress(text.to_owned());
+    let bad = || IpParseError::BadAddress(crate::excerpt::excerpt(text));
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;
         let port = match after {

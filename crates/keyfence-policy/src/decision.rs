@@ -2,9 +2,13 @@
 //!
 //! Order, each step failing closed: parse the client IP, find the key by the SHA-256 of what was
 //! presented, status and expiry, IP allowlist, signature (present, over a body that was seen whole,
-//! timestamp window, then the signature, then the nonce), rate limit. The IP and signature checks are independent: passing one never skips the
-//! other. The nonce is the one step that may need shared state (Redis, across replicas), so the
-//! engine hands it back to the caller as a [`PendingNonce`] instead of doing I/O itself.
+//! timestamp window, then the signature, then a nonce when the key or the deployment requires
+//! one), rate limit, and last the nonce's claim. The IP and signature checks are independent:
+//! passing one never skips the other. The nonce is the one step that may need shared state (Redis,
+//! across replicas), so the engine hands it back to the caller as a [`PendingNonce`] instead of
+//! doing I/O itself. It comes after the rate limit so that a refused request never consumes its
+//! nonce (the legitimate retry would be denied as a replay); a request refused at the claim
+//! (a replay, a nonce store that cannot answer) gives its rate-limit place back.
 
 use std::{fmt, sync::Arc};
 
@@ -35,10 +39,12 @@ pub enum DenyReason {
     /// The key signs, and the request had a body the front end could not see (Envoy did not
     /// forward it, or truncated it): the signature cannot be checked.
     BodyNotForwarded,
+    /// The key (or the deployment) requires a nonce and the signed request carried none.
+    NonceMissing,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 12] = [
+    pub const ALL: [DenyReason; 13] = [
         DenyReason::UnknownKey,
         DenyReason::KeyDisabled,
         DenyReason::KeyRevoked,
@@ -51,6 +57,7 @@ impl DenyReason {
         DenyReason::NonceReused,
         DenyReason::RateLimited,
         DenyReason::BodyNotForwarded,
+        DenyReason::NonceMissing,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -68,6 +75,7 @@ impl DenyReason {
             DenyReason::NonceReused => "nonce_reused",
             DenyReason::RateLimited => "rate_limited",
             DenyReason::BodyNotForwarded => "body_not_forwarded",
+            DenyReason::NonceMissing => "nonce_missing",
         }
     }
 }
@@ -207,9 +215,28 @@ impl PendingNonce<'_> {
     /// Completes the decision once the caller knows whether the nonce was fresh.
     pub fn finish(self, fresh: bool) -> Decision {
         if !fresh {
+            self.refund();
             return self.decision.deny(DenyReason::NonceReused);
         }
-        rate_limit(self.decision, self.now, self.mode)
+        self.decision
+    }
+
+    /// No decision could be had (the nonce store cannot answer): the request is refused without
+    /// a verdict, so the rate-limit place it took is given back.
+    pub fn abandon(self) {
+        self.refund();
+    }
+
+    fn refund(&self) {
+        if self.mode.consumes()
+            && let Some(limiter) = self
+                .decision
+                .key
+                .as_ref()
+                .and_then(|key| key.rate_limiter.as_ref())
+        {
+            limiter.refund();
+        }
     }
 
     /// Claims the nonce in an in-process ledger and completes the decision: what a single replica
@@ -231,6 +258,8 @@ impl PendingNonce<'_> {
 pub struct Engine {
     /// How far a signed timestamp may be from now, either way.
     pub signature_window_secs: i64,
+    /// Every signing key requires a nonce, whatever its own setting.
+    pub require_nonce: bool,
 }
 
 impl Engine {
@@ -307,7 +336,15 @@ impl Engine {
             if !verified {
                 return Evaluation::Decided(decision.deny(DenyReason::SignatureInvalid));
             }
-            if !signed.nonce.is_empty() {
+            if signed.nonce.is_empty() {
+                if key.requires_nonce || self.require_nonce {
+                    return Evaluation::Decided(decision.deny(DenyReason::NonceMissing));
+                }
+            } else {
+                let decision = rate_limit(decision, now, mode);
+                if !decision.is_allow() {
+                    return Evaluation::Decided(decision);
+                }
                 return Evaluation::NonceRequired(PendingNonce {
                     decision,
                     nonce: signed.nonce,

@@ -24,6 +24,7 @@ pub fn record(id: &str, partner: &str, env: &str, secret: &str) -> KeyRecord {
         ip_allowlist_enabled: true,
         enforcement: Enforcement::Enforce,
         signature: SignatureScheme::None,
+        require_nonce: false,
         rate_limit: None,
         expires_at: None,
         created: at.clone(),

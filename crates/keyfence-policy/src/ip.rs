@@ -11,17 +11,21 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use crate::excerpt::excerpt;
+
 /// Why a client address or an allowlist entry was rejected. Messages are meant for people.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IpParseError {
     #[error("is empty")]
     Empty,
+    /// The text, quoted by [`excerpt`] (at most a short prefix of it).
     #[error(
-        "{0:?} is not an IPv4 or IPv6 address (leading zeros, octal, hex and zone ids are not accepted)"
+        "{0} is not an IPv4 or IPv6 address (leading zeros, octal, hex and zone ids are not accepted)"
     )]
     BadAddress(String),
+    /// The text, quoted by [`excerpt`].
     #[error(
-        "{0:?} has an invalid prefix length (a decimal number without leading zeros, at most 32 for IPv4 and 128 for IPv6)"
+        "{0} has an invalid prefix length (a decimal number without leading zeros, at most 32 for IPv4 and 128 for IPv6)"
     )]
     BadPrefixLength(String),
     #[error("{given} has host bits set; did you mean {network}?")]
@@ -103,10 +107,10 @@ impl FromStr for Cidr {
         let prefix_len = match prefix_text {
             None => max_len,
             Some(prefix) => parse_prefix_len(prefix, max_len)
-                .ok_or_else(|| IpParseError::BadPrefixLength(text.to_owned()))?,
+                .ok_or_else(|| IpParseError::BadPrefixLength(excerpt(text)))?,
         };
         let net = IpNet::new(addr, prefix_len)
-            .map_err(|_| IpParseError::BadPrefixLength(text.to_owned()))?;
+            .map_err(|_| IpParseError::BadPrefixLength(excerpt(text)))?;
         let network = net.trunc();
         if network != net {
             return Err(IpParseError::HostBitsSet {
@@ -140,7 +144,7 @@ impl<'de> serde::Deserialize<'de> for Cidr {
 fn parse_addr(text: &str) -> Result<IpAddr, IpParseError> {
     // The standard library rejects leading zeros ("010.1.1.1"), octal and hex forms, short forms
     // ("10.1") and zone ids ("fe80::1%eth0").
-    IpAddr::from_str(text).map_err(|_| IpParseError::BadAddress(text.to_owned()))
+    IpAddr::from_str(text).map_err(|_| IpParseError::BadAddress(excerpt(text)))
 }
 
 fn parse_prefix_len(text: &str, max_len: u8) -> Option<u8> {

@@ -14,6 +14,7 @@ pub mod allowlist;
 pub mod client_ip;
 pub mod clock;
 pub mod decision;
+pub mod excerpt;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 pub mod ip;

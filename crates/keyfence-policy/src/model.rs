@@ -311,6 +311,10 @@ pub struct KeyRecord {
     pub ip_allowlist_enabled: bool,
     pub enforcement: Enforcement,
     pub signature: SignatureScheme,
+    /// A signed request must carry a nonce: without one it could be replayed for the whole
+    /// signature window. Records written before this setting existed read as `false`.
+    #[serde(default)]
+    pub require_nonce: bool,
     pub rate_limit: Option<RateLimit>,
     pub expires_at: Option<UnixMillis>,
     pub created: Audit,

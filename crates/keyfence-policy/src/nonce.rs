@@ -65,6 +65,26 @@ impl NonceLedger {
         true
     }
 
+    /// Takes back a nonce a refused request claimed (its claim could not be made durable), so
+    /// that the legitimate retry is not denied as a replay.
+    pub fn release(&self, key: &KeyId, nonce: &str) {
+        let fingerprint = fingerprint(key, nonce);
+        self.shard(&fingerprint).seen.remove(&fingerprint);
+    }
+
+    /// Remembers a nonce read back from a journal (see [`fingerprint`]) until `forget_after`.
+    pub fn restore(&self, fingerprint: [u8; 16], forget_after: UnixMillis) {
+        self.shard(&fingerprint)
+            .seen
+            .insert(fingerprint, forget_after);
+    }
+
+    fn shard(&self, fingerprint: &[u8; 16]) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[usize::from(fingerprint[0]) % SHARDS]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -77,7 +97,9 @@ impl NonceLedger {
     }
 }
 
-fn fingerprint(key: &KeyId, nonce: &str) -> [u8; 16] {
+/// What the ledger remembers of a nonce: a truncated SHA-256 of the key id and the nonce, so that
+/// neither is kept (or journaled) in the clear.
+pub fn fingerprint(key: &KeyId, nonce: &str) -> [u8; 16] {
     let mut hasher = Sha256::new();
     hasher.update(key.as_str().as_bytes());
     hasher.update([0u8]);
@@ -110,6 +132,20 @@ mod tests {
         assert!(ledger.claim(&other, "n1", until, now, true));
         // After the window the entry is forgotten.
         assert!(ledger.claim(&key, "n1", UnixMillis(3_000), until, true));
+    }
+
+    #[test]
+    fn a_released_nonce_is_fresh_again_and_a_restored_one_is_not() {
+        let ledger = NonceLedger::default();
+        let key: KeyId = "key_a".parse().unwrap();
+        let (now, until) = (UnixMillis(1_000), UnixMillis(2_000));
+        assert!(ledger.claim(&key, "n1", until, now, true));
+        ledger.release(&key, "n1");
+        assert!(ledger.claim(&key, "n1", until, now, true));
+        let restored = NonceLedger::default();
+        restored.restore(fingerprint(&key, "n2"), until);
+        assert!(!restored.claim(&key, "n2", until, now, true));
+        assert!(restored.claim(&key, "n2", UnixMillis(3_000), until, true));
     }
 
     #[test]

@@ -62,6 +62,13 @@ impl RateLimiter {
             }
         }
     }
+
+    /// Gives back the place an admitted request took, when that request was refused after all
+    /// (its nonce was replayed, or could not be checked): a refused request costs no budget.
+    pub fn refund(&self) {
+        self.theoretical_arrival_nanos
+            .fetch_sub(self.interval_nanos, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +98,21 @@ mod tests {
         let later = t0 + 2 * SECOND;
         assert!((0..3).all(|_| limiter.admit(later, true)));
         assert!(!limiter.admit(later, true));
+    }
+
+    #[test]
+    fn a_refund_gives_the_place_back() {
+        let limiter = RateLimiter::new(RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+        })
+        .unwrap();
+        let t0 = 1_700_000_000 * SECOND;
+        assert!(limiter.admit(t0, true));
+        assert!(!limiter.admit(t0, true));
+        limiter.refund();
+        assert!(limiter.admit(t0, true));
+        assert!(!limiter.admit(t0, true));
     }
 
     #[test]

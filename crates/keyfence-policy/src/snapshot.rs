@@ -35,6 +35,8 @@ pub struct CompiledKey {
     /// `None` when the stored key material is unusable: every signed request is then denied.
     pub verifier: Option<Verifier>,
     pub requires_signature: bool,
+    /// A signed request without a nonce is denied (`NonceMissing`).
+    pub requires_nonce: bool,
     pub rate_limiter: Option<Arc<RateLimiter>>,
     pub secret_hash: SecretHash,
     pub previous_secret: Option<PreviousSecret>,
@@ -71,6 +73,7 @@ impl CompiledKey {
             ip_allowlist_enabled: record.ip_allowlist_enabled,
             verifier,
             requires_signature,
+            requires_nonce: record.require_nonce,
             rate_limiter,
             secret_hash: record.secret_hash,
             previous_secret: record.previous_secret.clone(),
@@ -90,6 +93,7 @@ impl CompiledKey {
             ip_allowlist_enabled: self.ip_allowlist_enabled,
             verifier: self.verifier.clone(),
             requires_signature: self.requires_signature,
+            requires_nonce: self.requires_nonce,
             rate_limiter: self.rate_limiter.clone(),
             secret_hash: self.secret_hash,
             previous_secret: self.previous_secret.clone(),

@@ -19,6 +19,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::StoreResult;
 
+/// The most bytes of an HTTP method one access record holds. The edge refuses longer input
+/// (`src/grpc/decision_io.rs` takes its bounds from here), so only records written before it did
+/// are ever cut, on read.
+pub const MAX_METHOD_BYTES: usize = 32;
+/// The most bytes of a path and query one access record holds: the common limit of HTTP servers
+/// and proxies.
+pub const MAX_PATH_BYTES: usize = 8 * 1024;
+/// About how many bytes of records one page of a key's log holds, whatever `limit` asks for, so
+/// that a page always fits in one gRPC message (4 MiB by default). A page holds at least one
+/// record, and one record is bounded by the two limits above.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
+
 /// Which front end asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,9 +82,40 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The entry with method and path cut to [`MAX_METHOD_BYTES`] and [`MAX_PATH_BYTES`]: what a
+    /// read hands out, so that a record stored before the edge bounded them cannot make a page too
+    /// large to send.
+    pub fn bounded(mut self) -> Entry {
+        if let Some((method, path)) = &mut self.endpoint {
+            truncate_at_char(method, MAX_METHOD_BYTES);
+            truncate_at_char(path, MAX_PATH_BYTES);
+        }
+        self
+    }
+
+    /// Roughly the bytes this entry takes in a listing: the fixed fields and the endpoint.
+    pub fn listed_size(&self) -> usize {
+        const FIXED: usize = 128;
+        FIXED
+            + self
+                .endpoint
+                .as_ref()
+                .map_or(0, |(method, path)| method.len() + path.len())
+    }
+
     pub fn matched_cidr(&self) -> Option<Cidr> {
         self.matched
             .and_then(|(addr, len)| Cidr::from_parts(addr, len))
+    }
+}
+
+fn truncate_at_char(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
     }
 }
 
@@ -138,6 +181,19 @@ pub struct AccessQuery {
 pub struct AccessPage {
     pub records: Vec<AccessRecord>,
     pub next_page_token: Option<String>,
+    /// What the records take, against [`MAX_PAGE_BYTES`].
+    bytes: usize,
+}
+
+impl AccessPage {
+    /// Adds a record (bounded) and answers whether the page is full: `limit` records, or
+    /// [`MAX_PAGE_BYTES`] of them.
+    pub fn push(&mut self, key: KeyIdentity, entry: Entry, limit: usize) -> bool {
+        let entry = entry.bounded();
+        self.bytes += entry.listed_size();
+        self.records.push(AccessRecord { key, entry });
+        self.records.len() >= limit || self.bytes >= MAX_PAGE_BYTES
+    }
 }
 
 /// Where access records and last-used times are kept.

@@ -10,8 +10,18 @@
 //! new one. Opening seals, in one transaction, whatever a version before sealing left in clear,
 //! and re-seals values under keys other than the primary. redb calls block, so they run on
 //! tokio's blocking pool.
+//!
+//! Integrity: a data directory, once initialised, holds a marker (`keyfence.store-id`) with the id
+//! also written in the store's `meta` table. A missing, empty or different `keyfence.redb` beside
+//! the marker is a refusal to open, never a silent empty store (every key denied, the loss
+//! unnoticed). A damaged file that makes redb panic is caught and reported, naming the file.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    hash::{BuildHasher, RandomState},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use redb::{
@@ -39,14 +49,21 @@ const SEALING: TableDefinition<&str, &[u8]> = TableDefinition::new("sealing");
 const MARKER: &str = "marker";
 
 const REVISION: &str = "revision";
+/// The id of this store, also in the data directory's marker.
+const STORE_ID: &str = "store_id";
 /// How many revisions the change log keeps; a follower further behind reloads everything.
 pub const CHANGE_LOG_LEN: u64 = 10_000;
-const DB_FILE: &str = "keyfence.redb";
+/// The store's file in the data directory.
+pub const DB_FILE: &str = "keyfence.redb";
 /// A migration writes the sealed store here, then renames it over [`DB_FILE`].
 const FRESH_FILE: &str = "keyfence.redb.sealing";
+/// The marker of an initialised data directory: the store's id, as text.
+pub const MARKER_FILE: &str = "keyfence.store-id";
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// The file, for errors that must name it.
+    path: Arc<PathBuf>,
     codec: Codec,
     revisions: watch::Sender<u64>,
     change_log_len: u64,
@@ -75,28 +92,49 @@ impl EmbeddedStore {
         })?;
         let path = data_dir.join(DB_FILE);
         let fresh = data_dir.join(FRESH_FILE);
+        let marker = read_marker(&data_dir.join(MARKER_FILE))?;
+        if let Some(expected) = marker {
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if size == 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "{} is missing or empty, but {} says this data directory holds store {expected:016x}: \
+                     refusing to start with an empty store; restore the file from a backup \
+                     (or remove the data directory to start over)",
+                    path.display(),
+                    MARKER_FILE
+                )));
+            }
+        }
         // What an interrupted migration left; the store itself was not touched by it.
         let _ = std::fs::remove_file(&fresh);
-        let mut db = open_file(&path)?;
-        if needs_migration(&db, &codec)? {
-            drop(db);
-            seal_into_fresh_file(&path, &fresh, &codec)?;
-            db = open_file(&path)?;
+        let (db, revision, id) = caught(&path, || {
+            let mut db = open_store_file(&path)?;
+            if needs_migration(&db, &codec)? {
+                drop(db);
+                seal_into_fresh_file(&path, &fresh, &codec)?;
+                db = open_store_file(&path)?;
+            }
+            let id = prepare(&db, &path, marker)?;
+            let txn = db.begin_write().map_err(unavailable)?;
+            let report = reseal_all(&txn, &codec, false)?;
+            let sealing = codec
+                .encode_marker(MarkerState::Sealed)?
+                .expect("the embedded store always has a keyring");
+            txn.open_table(SEALING)
+                .map_err(unavailable)?
+                .insert(MARKER, sealing.as_slice())
+                .map_err(unavailable)?;
+            txn.commit().map_err(unavailable)?;
+            report_reseal(&report, false);
+            let revision = read_revision(&db.begin_read().map_err(unavailable)?)?;
+            Ok((db, revision, id))
+        })?;
+        if marker.is_none() {
+            write_marker(&data_dir.join(MARKER_FILE), id)?;
         }
-        let txn = db.begin_write().map_err(unavailable)?;
-        let report = reseal_all(&txn, &codec, false)?;
-        let marker = codec
-            .encode_marker(MarkerState::Sealed)?
-            .expect("the embedded store always has a keyring");
-        txn.open_table(SEALING)
-            .map_err(unavailable)?
-            .insert(MARKER, marker.as_slice())
-            .map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
-        report_reseal(&report, false);
-        let revision = read_revision(&db.begin_read().map_err(unavailable)?)?;
         Ok(EmbeddedStore {
             db: Arc::new(db),
+            path: Arc::new(path),
             codec,
             revisions: watch::Sender::new(revision),
             change_log_len,
@@ -108,9 +146,10 @@ impl EmbeddedStore {
         f: impl FnOnce(&ReadTransaction) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let db = self.db.clone();
+        let path = self.path.clone();
         blocking(move || {
-            let txn = db.begin_read().map_err(unavailable)?;
-            f(&txn)
+            caught(&path, || f(&db.begin_read().map_err(unavailable)?))
+                .map_err(|e| naming(&path, e))
         })
         .await
     }
@@ -122,32 +161,35 @@ impl EmbeddedStore {
         f: impl FnOnce(&WriteTransaction) -> StoreResult<(T, Scope)> + Send + 'static,
     ) -> StoreResult<Committed<T>> {
         let db = self.db.clone();
+        let path = self.path.clone();
         let change_log_len = self.change_log_len;
         let committed = blocking(move || {
-            let txn = db.begin_write().map_err(unavailable)?;
-            let (value, scope) = f(&txn)?;
-            let revision = {
-                let mut meta = txn.open_table(META).map_err(unavailable)?;
-                let revision = meta
-                    .get(REVISION)
-                    .map_err(unavailable)?
-                    .map_or(0, |v| v.value())
-                    + 1;
-                meta.insert(REVISION, revision).map_err(unavailable)?;
-                let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
-                let change = Change { revision, scope };
-                changes
-                    .insert(revision, encode(&change)?.as_slice())
-                    .map_err(unavailable)?;
-                if revision > change_log_len {
+            caught(&path.clone(), move || {
+                let txn = db.begin_write().map_err(unavailable)?;
+                let (value, scope) = f(&txn)?;
+                let revision = {
+                    let mut meta = txn.open_table(META).map_err(unavailable)?;
+                    let revision = meta
+                        .get(REVISION)
+                        .map_err(unavailable)?
+                        .map_or(0, |v| v.value())
+                        + 1;
+                    meta.insert(REVISION, revision).map_err(unavailable)?;
+                    let mut changes = txn.open_table(CHANGES).map_err(unavailable)?;
+                    let change = Change { revision, scope };
                     changes
-                        .remove(revision - change_log_len)
+                        .insert(revision, encode(&change)?.as_slice())
                         .map_err(unavailable)?;
-                }
-                revision
-            };
-            txn.commit().map_err(unavailable)?;
-            Ok(Committed { value, revision })
+                    if revision > change_log_len {
+                        changes
+                            .remove(revision - change_log_len)
+                            .map_err(unavailable)?;
+                    }
+                    revision
+                };
+                txn.commit().map_err(unavailable)?;
+                Ok(Committed { value, revision })
+            })
         })
         .await?;
         self.revisions.send_replace(committed.revision);
@@ -447,6 +489,125 @@ fn parse_partner_scope_key(text: &str) -> StoreResult<PartnerScope> {
     })
 }
 
+/// Damaged data names the file it was read from.
+fn naming(path: &Path, error: StoreError) -> StoreError {
+    match error {
+        StoreError::Corrupt(message) if !message.contains(&*path.to_string_lossy()) => {
+            StoreError::Corrupt(format!("{}: {message}", path.display()))
+        }
+        other => other,
+    }
+}
+
+/// Runs `f`, turning a panic inside redb (a damaged file: a checksum or a page pointer it cannot
+/// make sense of) into an error that names the file, instead of a crash.
+pub(crate) fn caught<T>(path: &Path, f: impl FnOnce() -> StoreResult<T>) -> StoreResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let detail = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no detail");
+        Err(StoreError::Corrupt(format!(
+            "{} is damaged and cannot be read ({detail}); restore it from a backup",
+            path.display()
+        )))
+    })
+}
+
+pub(crate) fn open_file(path: &Path) -> StoreResult<Database> {
+    crate::create_private_file(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
+    Database::create(path).map_err(|e| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => {
+            StoreError::Corrupt(format!(
+                "{} is damaged and cannot be read ({detail}); restore it from a backup",
+                path.display()
+            ))
+        }
+        other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+    })
+}
+
+/// Creates the tables and the store id of a new store; checks an existing one against the
+/// marker. Returns the store's id.
+fn prepare(db: &Database, path: &Path, marker: Option<u64>) -> StoreResult<u64> {
+    let txn = db.begin_write().map_err(unavailable)?;
+    let id = {
+        let mut meta = txn.open_table(META).map_err(unavailable)?;
+        let stored = meta.get(STORE_ID).map_err(unavailable)?.map(|v| v.value());
+        let id = match (stored, marker) {
+            (Some(stored), Some(expected)) if stored != expected => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds store {stored:016x}, but {MARKER_FILE} says this data directory holds \
+                     store {expected:016x}: refusing to start on another store's file",
+                    path.display()
+                )));
+            }
+            (None, Some(expected)) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds no store id, but {MARKER_FILE} says this data directory holds \
+                     store {expected:016x}: the file was replaced by a new one; restore it from a \
+                     backup",
+                    path.display()
+                )));
+            }
+            (Some(stored), _) => stored,
+            // A store from before markers, or a new one.
+            (None, None) => {
+                let id = RandomState::new().hash_one((std::process::id(), path));
+                meta.insert(STORE_ID, id).map_err(unavailable)?;
+                id
+            }
+        };
+        if meta.get(REVISION).map_err(unavailable)?.is_none() {
+            meta.insert(REVISION, 0).map_err(unavailable)?;
+        }
+        txn.open_table(KEYS).map_err(unavailable)?;
+        txn.open_table(ALLOWLISTS).map_err(unavailable)?;
+        txn.open_table(CHANGES).map_err(unavailable)?;
+        id
+    };
+    txn.commit().map_err(unavailable)?;
+    Ok(id)
+}
+
+fn read_marker(path: &Path) -> StoreResult<Option<u64>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16).map(Some).map_err(|_| {
+            StoreError::Corrupt(format!(
+                "{} does not hold a store id; restore it from a backup",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "cannot read {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Writes the marker durably (the store already holds its id, so a crash before this only
+/// means the next start writes it).
+fn write_marker(path: &Path, id: u64) -> StoreResult<()> {
+    let write = || -> std::io::Result<()> {
+        let temporary = path.with_extension("tmp");
+        // Private like every file in the data directory (data_dir::prepare ran before us).
+        let _ = std::fs::remove_file(&temporary);
+        crate::create_private_file(&temporary)?;
+        let mut file = std::fs::OpenOptions::new().write(true).open(&temporary)?;
+        writeln!(file, "{id:016x}")?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| StoreError::Unavailable(format!("cannot write {}: {e}", path.display())))
+}
+
 fn read_revision(txn: &ReadTransaction) -> StoreResult<u64> {
     let meta = txn.open_table(META).map_err(unavailable)?;
     Ok(meta
@@ -455,12 +616,9 @@ fn read_revision(txn: &ReadTransaction) -> StoreResult<u64> {
         .map_or(0, |v| v.value()))
 }
 
-/// Opens (or creates, 0600) the redb file at `path` with every table present.
-fn open_file(path: &Path) -> StoreResult<Database> {
-    crate::create_private_file(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", path.display())))?;
-    let db = Database::create(path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+/// Opens (or creates, 0600) the store's redb file at `path` with every table present.
+fn open_store_file(path: &Path) -> StoreResult<Database> {
+    let db = open_file(path)?;
     let txn = db.begin_write().map_err(unavailable)?;
     {
         let mut meta = txn.open_table(META).map_err(unavailable)?;
@@ -502,7 +660,7 @@ fn needs_migration(db: &Database, codec: &Codec) -> StoreResult<bool> {
 fn seal_into_fresh_file(path: &Path, fresh: &Path, codec: &Codec) -> StoreResult<()> {
     let old = Database::create(path)
         .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-    let new = open_file(fresh)?;
+    let new = open_store_file(fresh)?;
     let read = old.begin_read().map_err(unavailable)?;
     let txn = new.begin_write().map_err(unavailable)?;
     {

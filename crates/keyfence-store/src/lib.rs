@@ -15,6 +15,7 @@
 
 pub mod access_log;
 pub mod embedded;
+pub mod nonce_log;
 pub mod redis;
 pub mod sealing;
 

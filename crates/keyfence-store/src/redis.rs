@@ -16,7 +16,14 @@
 //! subscriber task forwards them and, after every (re)subscription, asks the follower to check the
 //! change log, since pub/sub may have dropped messages in between.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    hash::{BuildHasher, RandomState},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use redis::{
@@ -118,6 +125,12 @@ pub struct RedisStore {
     change_log_len: u64,
     hints: watch::Sender<u64>,
     subscriber: tokio::task::JoinHandle<()>,
+    /// Nonce claims carry `<instance>:<counter>` as their value, so that withdrawing one of this
+    /// process's claims can never delete another replica's (or another request's).
+    instance: u64,
+    claims: AtomicU64,
+    /// Withdrawals running now; bounded so that a long outage cannot pile up tasks.
+    withdrawals: Arc<AtomicUsize>,
 }
 
 /// Key names under the namespace.
@@ -236,6 +249,11 @@ impl RedisStore {
             change_log_len: options.change_log_len.max(1),
             hints,
             subscriber,
+            // Seeded by the OS generator (the store crate takes no `rand`): unique enough to tell
+            // processes apart.
+            instance: RandomState::new().hash_one(std::process::id()),
+            claims: AtomicU64::new(0),
+            withdrawals: Arc::new(AtomicUsize::new(0)),
         }))
     }
 
@@ -937,16 +955,87 @@ impl NonceStore for RedisStore {
             return Ok(!exists);
         }
         let ttl_ms = ttl.as_millis().max(1) as u64;
-        let set: Option<String> = redis::cmd("SET")
+        let token = format!(
+            "{:x}:{}",
+            self.instance,
+            self.claims.fetch_add(1, Ordering::Relaxed)
+        );
+        let set: Result<Option<String>, _> = redis::cmd("SET")
             .arg(&name)
-            .arg(1)
+            .arg(&token)
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms)
             .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(set.is_some())
+            .await;
+        match set {
+            Ok(set) => Ok(set.is_some()),
+            Err(error) => {
+                // The SET may still land (Redis paused, or slow to answer): the request is being
+                // refused, so its claim must not stand, or the legitimate retry would be denied as
+                // a replay.
+                self.withdraw_later(conn, name, token, ttl);
+                Err(unavailable(error))
+            }
+        }
+    }
+}
+
+/// Deletes a nonce claim if it still holds this claim's token.
+const WITHDRAW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+/// Withdrawals at once; beyond this a claim whose answer was lost stays until its window ends.
+const MAX_WITHDRAWALS: usize = 4096;
+/// How often a withdrawal that found nothing to delete looks again, in case the claim was still
+/// on its way.
+const WITHDRAW_LOOKS: u32 = 3;
+
+impl RedisStore {
+    /// Withdraws a claim whose outcome is unknown, retrying while Redis cannot answer, until it
+    /// deleted the claim, or found it absent a few times, or the nonce's window ended.
+    fn withdraw_later(
+        &self,
+        mut conn: ConnectionManager,
+        name: String,
+        token: String,
+        ttl: Duration,
+    ) {
+        if self.withdrawals.fetch_add(1, Ordering::Relaxed) >= MAX_WITHDRAWALS {
+            self.withdrawals.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(
+                "too many nonce withdrawals pending; this nonce stays claimed until its window ends"
+            );
+            return;
+        }
+        let withdrawals = self.withdrawals.clone();
+        tokio::spawn(async move {
+            let script = Script::new(WITHDRAW);
+            let give_up = tokio::time::Instant::now() + ttl;
+            let mut delay = Duration::from_millis(250);
+            let mut absent = 0;
+            while tokio::time::Instant::now() < give_up {
+                match script
+                    .key(&name)
+                    .arg(&token)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                {
+                    Ok(1) => break,
+                    Ok(_) => {
+                        absent += 1;
+                        if absent >= WITHDRAW_LOOKS {
+                            break;
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, "nonce withdrawal failed; retrying"),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            withdrawals.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }
 

@@ -765,6 +765,7 @@ mod tests {
             },
             rate_limit: None,
             expires_at: None,
+            require_nonce: false,
             created: audit.clone(),
             updated: audit,
         }

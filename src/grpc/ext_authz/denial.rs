@@ -16,6 +16,8 @@ use keyfence_policy::{
     signature::{SignedRequest, canonical_string},
 };
 
+use crate::grpc::decision_io::FieldProblem;
+
 /// How much a denial tells the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenialDetail {
@@ -31,8 +33,13 @@ pub enum DenialDetail {
 pub enum Denial {
     /// No key in `x-api-key` or `authorization: Bearer`.
     KeyMissing,
-    /// A header is too large to be what keyfence issues or accepts.
-    HeaderTooLong { header: &'static str, max: usize },
+    /// A header, the method or the path breaks a rule of `decision_io` (too long, control
+    /// characters, a method that is no token).
+    InvalidRequest {
+        /// What a person would call it: "x-nonce header", "request path".
+        field: &'static str,
+        problem: FieldProblem,
+    },
     /// The engine denied.
     Decided {
         reason: DenyReason,
@@ -101,7 +108,7 @@ impl Denial {
     pub fn reason_name(&self) -> &'static str {
         match self {
             Denial::KeyMissing => "api_key_missing",
-            Denial::HeaderTooLong { .. } => "header_too_long",
+            Denial::InvalidRequest { .. } => "invalid_request",
             Denial::Decided { reason, .. } => reason.as_str(),
             Denial::Unavailable => "unavailable",
         }
@@ -117,7 +124,7 @@ impl Denial {
             _ => 401,
         };
         let grpc_code = match self {
-            Denial::KeyMissing | Denial::HeaderTooLong { .. } => Code::Unauthenticated,
+            Denial::KeyMissing | Denial::InvalidRequest { .. } => Code::Unauthenticated,
             Denial::Decided { reason, .. } => match reason {
                 DenyReason::UnknownKey
                 | DenyReason::KeyDisabled
@@ -130,7 +137,8 @@ impl Denial {
                 | DenyReason::SignatureInvalid
                 | DenyReason::TimestampOutOfWindow
                 | DenyReason::NonceReused
-                | DenyReason::BodyNotForwarded => Code::PermissionDenied,
+                | DenyReason::BodyNotForwarded
+                | DenyReason::NonceMissing => Code::PermissionDenied,
             },
             Denial::Unavailable => Code::Unavailable,
         };
@@ -159,10 +167,9 @@ impl Denial {
                 "An API key is required: send it in the x-api-key header or as Authorization: Bearer"
                     .to_owned(),
             ),
-            Denial::HeaderTooLong { header, max } => (
-                "INVALID_REQUEST",
-                format!("The {header} header is longer than {max} bytes"),
-            ),
+            Denial::InvalidRequest { field, problem } => {
+                ("INVALID_REQUEST", format!("The {field} {problem}"))
+            }
             Denial::Decided {
                 reason, client_ip, ..
             } => detailed_reason(*reason, *client_ip),
@@ -230,6 +237,10 @@ fn detailed_reason(reason: DenyReason, client_ip: Option<ClientIp>) -> (&'static
         DenyReason::BodyNotForwarded => (
             "BODY_NOT_FORWARDED",
             "The request body could not be checked against its signature",
+        ),
+        DenyReason::NonceMissing => (
+            "NONCE_MISSING",
+            "This API key requires a request nonce (x-nonce header)",
         ),
     };
     (code, message.to_owned())
@@ -303,9 +314,9 @@ mod tests {
         }
         for denial in [
             Denial::KeyMissing,
-            Denial::HeaderTooLong {
-                header: "x-nonce",
-                max: 128,
+            Denial::InvalidRequest {
+                field: "x-nonce header",
+                problem: FieldProblem::TooLong { max: 128 },
             },
         ] {
             let response = denial.respond(DenialDetail::Opaque);
@@ -360,9 +371,9 @@ mod tests {
         let mut messages = std::collections::HashSet::new();
         let others = [
             Denial::KeyMissing,
-            Denial::HeaderTooLong {
-                header: "x-api-key",
-                max: 256,
+            Denial::InvalidRequest {
+                field: "x-api-key header",
+                problem: FieldProblem::TooLong { max: 256 },
             },
             Denial::Unavailable,
         ];

@@ -7,6 +7,9 @@ use envoy_types::pb::envoy::{
 };
 
 use super::*;
+use crate::grpc::decision_io::{
+    MAX_API_KEY_BYTES, MAX_METHOD_BYTES, MAX_NONCE_BYTES, MAX_PATH_BYTES, MAX_SIGNATURE_BYTES,
+};
 use keyfence_policy::{
     fixtures::{entry, record},
     snapshot::{KeyMaterial, PolicySnapshot},
@@ -61,7 +64,7 @@ fn key_from_x_api_key_first_then_bearer() {
             ("authorization", "Bearer kf_live_b"),
         ],
     );
-    let question = read(&request).unwrap();
+    let question = read(&request, BodyReport::Forwarded).unwrap();
     assert_eq!(
         (question.key, question.key_from),
         ("kf_live_a", KeyHeader::ApiKey)
@@ -75,7 +78,7 @@ fn key_from_x_api_key_first_then_bearer() {
         "BEARER\tkf_live_b ",
     ] {
         let request = check_request("203.0.113.7", &[("authorization", authorization)]);
-        let question = read(&request).unwrap();
+        let question = read(&request, BodyReport::Forwarded).unwrap();
         assert_eq!(
             (question.key, question.key_from),
             ("kf_live_b", KeyHeader::Bearer),
@@ -97,14 +100,17 @@ fn no_key_is_a_denial() {
     ] {
         let request = check_request("203.0.113.7", headers);
         assert_eq!(
-            read(&request).unwrap_err(),
+            read(&request, BodyReport::Forwarded).unwrap_err(),
             Denial::KeyMissing,
             "{headers:?}"
         );
     }
     // No HTTP attributes at all (a network-level Check) carries no key either.
     let request = CheckRequest::default();
-    assert_eq!(read(&request).unwrap_err(), Denial::KeyMissing);
+    assert_eq!(
+        read(&request, BodyReport::Forwarded).unwrap_err(),
+        Denial::KeyMissing
+    );
 }
 
 #[test]
@@ -112,18 +118,20 @@ fn oversized_headers_are_refused_naming_the_header() {
     let long_key = "k".repeat(MAX_API_KEY_BYTES + 1);
     let request = check_request("203.0.113.7", &[("x-api-key", &long_key)]);
     assert_eq!(
-        read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "x-api-key",
-            max: MAX_API_KEY_BYTES
+        read(&request, BodyReport::Forwarded).unwrap_err(),
+        Denial::InvalidRequest {
+            field: "x-api-key header",
+            problem: FieldProblem::TooLong {
+                max: MAX_API_KEY_BYTES
+            }
         }
     );
     let bearer = format!("Bearer {long_key}");
     let request = check_request("203.0.113.7", &[("authorization", &bearer)]);
     assert!(matches!(
-        read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "authorization",
+        read(&request, BodyReport::Forwarded).unwrap_err(),
+        Denial::InvalidRequest {
+            field: "authorization header",
             ..
         }
     ));
@@ -137,9 +145,9 @@ fn oversized_headers_are_refused_naming_the_header() {
         ],
     );
     assert!(matches!(
-        read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "x-nonce",
+        read(&request, BodyReport::Forwarded).unwrap_err(),
+        Denial::InvalidRequest {
+            field: "x-nonce header",
             ..
         }
     ));
@@ -149,12 +157,88 @@ fn oversized_headers_are_refused_naming_the_header() {
         &[("x-api-key", "k"), ("x-signature", &long_signature)],
     );
     assert!(matches!(
-        read(&request).unwrap_err(),
-        Denial::HeaderTooLong {
-            header: "x-signature",
+        read(&request, BodyReport::Forwarded).unwrap_err(),
+        Denial::InvalidRequest {
+            field: "x-signature header",
             ..
         }
     ));
+}
+
+#[test]
+fn oversized_or_ambiguous_method_path_and_nonce_are_refused() {
+    let with_http = |method: &str, path: &str, nonce: &str| {
+        let mut request = check_request(
+            "203.0.113.7",
+            &[
+                ("x-api-key", "k"),
+                ("x-signature", "c2ln"),
+                ("x-nonce", nonce),
+            ],
+        );
+        let http = request
+            .attributes
+            .as_mut()
+            .and_then(|a| a.request.as_mut())
+            .and_then(|r| r.http.as_mut())
+            .unwrap();
+        http.method = method.into();
+        http.path = path.into();
+        read(&request, BodyReport::Forwarded).err()
+    };
+    let long_path = format!("/{}", "a".repeat(MAX_PATH_BYTES));
+    assert_eq!(
+        with_http("GET", &long_path, "n"),
+        Some(Denial::InvalidRequest {
+            field: "request path",
+            problem: FieldProblem::TooLong {
+                max: MAX_PATH_BYTES
+            }
+        })
+    );
+    assert_eq!(
+        with_http("GET", "/a\nGET\n/b", "n"),
+        Some(Denial::InvalidRequest {
+            field: "request path",
+            problem: FieldProblem::ControlCharacter
+        })
+    );
+    assert_eq!(
+        with_http("GET", "/", "n\n1"),
+        Some(Denial::InvalidRequest {
+            field: "x-nonce header",
+            problem: FieldProblem::ControlCharacter
+        })
+    );
+    for method in ["GE T", "GET\n", "G/T", &"M".repeat(MAX_METHOD_BYTES + 1)] {
+        assert!(
+            matches!(
+                with_http(method, "/", "n"),
+                Some(Denial::InvalidRequest {
+                    field: "request method",
+                    ..
+                })
+            ),
+            "{method:?}"
+        );
+    }
+    assert_eq!(with_http("PATCH", "/v1/x?a=b", "n-1"), None);
+    // Bad input denies as INVALID_REQUEST when detailed, opaquely otherwise.
+    let denial = with_http("GET", &long_path, "n").unwrap();
+    let detailed = denial.respond(denial::DenialDetail::Detailed {
+        include_allowlist: false,
+    });
+    assert_eq!(detailed.http_status, 401);
+    assert!(
+        detailed.body.contains("\"code\":\"INVALID_REQUEST\""),
+        "{}",
+        detailed.body
+    );
+    assert!(detailed.body.len() < 300, "the body does not echo the path");
+    assert_eq!(
+        denial.respond(denial::DenialDetail::Opaque).body,
+        r#"{"code":401,"msg":"Unauthorized"}"#
+    );
 }
 
 #[test]
@@ -172,7 +256,10 @@ fn signature_fields_come_from_headers_and_http_attributes() {
         b"{}",
         "",
     );
-    let signed = read(&request).unwrap().signature.unwrap();
+    let signed = read(&request, BodyReport::Forwarded)
+        .unwrap()
+        .signature
+        .unwrap();
     assert_eq!(signed.signature, "c2lnbmF0dXJl");
     assert_eq!(signed.timestamp, 1_700_000_000);
     assert_eq!(signed.nonce, "n-1");
@@ -193,7 +280,11 @@ fn signature_fields_come_from_headers_and_http_attributes() {
         "text body",
     );
     assert_eq!(
-        read(&request).unwrap().signature.unwrap().body,
+        read(&request, BodyReport::Forwarded)
+            .unwrap()
+            .signature
+            .unwrap()
+            .body,
         b"text body"
     );
 
@@ -202,7 +293,14 @@ fn signature_fields_come_from_headers_and_http_attributes() {
         let mut headers = vec![("x-api-key", "k"), ("x-signature", "c2ln")];
         headers.extend(timestamp.map(|t| ("x-timestamp", t)));
         let request = check_request("203.0.113.7", &headers);
-        assert_eq!(read(&request).unwrap().signature.unwrap().timestamp, 0);
+        assert_eq!(
+            read(&request, BodyReport::Forwarded)
+                .unwrap()
+                .signature
+                .unwrap()
+                .timestamp,
+            0
+        );
     }
 }
 
@@ -212,7 +310,11 @@ fn a_body_envoy_did_not_forward_whole_is_not_complete() {
         let mut all = vec![("x-api-key", "k"), ("x-signature", "c2ln")];
         all.extend_from_slice(headers);
         let request = check_request_with_body("203.0.113.7", &all, body, "");
-        read(&request).unwrap().signature.unwrap().body_complete
+        read(&request, BodyReport::Forwarded)
+            .unwrap()
+            .signature
+            .unwrap()
+            .body_complete
     };
     // No body announced, none forwarded.
     assert!(complete(&[], b""));
@@ -251,7 +353,43 @@ fn a_body_envoy_did_not_forward_whole_is_not_complete() {
         ],
         b"body"
     ));
+    // A client-sent "false" vouches for nothing: without with_request_body Envoy forwards the
+    // client's header as it is.
+    assert!(!complete(
+        &[
+            ("transfer-encoding", "chunked"),
+            ("x-envoy-auth-partial-body", "false")
+        ],
+        b""
+    ));
+    assert!(!complete(
+        &[
+            ("content-length", "12"),
+            ("x-envoy-auth-partial-body", "false")
+        ],
+        b""
+    ));
     // Lengths that disagree are not trusted either way.
+    assert!(!complete(&[("content-length", "2")], b"body"));
+    // Unless Envoy is known to buffer bodies, a request that announces no length may have had a
+    // body Envoy dropped the framing of (it removes transfer-encoding): not complete, whatever a
+    // client-sent partial-body header says. An announced length still proves it.
+    let unknown = |headers: &[(&str, &str)], body: &[u8]| {
+        let mut all = vec![("x-api-key", "k"), ("x-signature", "c2ln")];
+        all.extend_from_slice(headers);
+        let request = check_request_with_body("203.0.113.7", &all, body, "");
+        read(&request, BodyReport::Unknown)
+            .unwrap()
+            .signature
+            .unwrap()
+            .body_complete
+    };
+    assert!(!unknown(&[], b""));
+    assert!(!unknown(&[("x-envoy-auth-partial-body", "false")], b""));
+    assert!(unknown(&[("content-length", "0")], b""));
+    assert!(unknown(&[("x-envoy-auth-partial-body", "false")], b"body"));
+    // A forwarded body without Envoy's own word on it is not taken as whole.
+    assert!(!complete(&[], b"body"));
     assert!(!complete(
         &[
             ("content-length", "40"),
@@ -272,14 +410,17 @@ fn forwarding_headers_are_handed_to_the_resolver() {
             ("x-real-ip", "192.0.2.1"),
         ],
     );
-    let origin = read(&request).unwrap().origin;
+    let origin = read(&request, BodyReport::Forwarded).unwrap().origin;
     assert_eq!(origin.peer, "10.0.0.2");
     assert_eq!(origin.forwarded_for, Some("203.0.113.1, 198.51.100.7"));
     assert_eq!(origin.real_ip, Some("192.0.2.1"));
     // A source that is not a socket address (a pipe) leaves the peer empty: INVALID_CLIENT_IP.
     let mut request = check_request("", &[("x-api-key", "k")]);
     request.attributes.as_mut().unwrap().source = None;
-    assert_eq!(read(&request).unwrap().origin.peer, "");
+    assert_eq!(
+        read(&request, BodyReport::Forwarded).unwrap().origin.peer,
+        ""
+    );
 }
 
 fn compiled_key() -> Arc<CompiledKey> {

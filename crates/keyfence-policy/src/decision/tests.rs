@@ -18,6 +18,7 @@ const HMAC_SECRET: &[u8] = b"an hmac secret of thirty-two b..";
 fn engine() -> Engine {
     Engine {
         signature_window_secs: 300,
+        require_nonce: false,
     }
 }
 
@@ -583,6 +584,134 @@ fn rate_limited() {
     );
 }
 
+fn nonce_key(require_nonce: bool, rate: Option<RateLimit>) -> PolicySnapshot {
+    let mut r = record("key_h", "acme", "production", "h");
+    r.signature = SignatureScheme::HmacSha256 {
+        secret: HMAC_SECRET.to_vec(),
+    };
+    r.require_nonce = require_nonce;
+    r.rate_limit = rate;
+    snapshot_with(vec![(r, vec!["0.0.0.0/0"])])
+}
+
+#[test]
+fn a_key_or_deployment_that_requires_a_nonce_denies_a_request_without_one() {
+    let without = sign_hmac(HMAC_SECRET, NOW_SECS, "", "POST", "/v1/payments", b"");
+    let with = sign_hmac(HMAC_SECRET, NOW_SECS, "n-1", "POST", "/v1/payments", b"");
+    let bare = ask("h", "10.0.0.1", Some(signed(&without, NOW_SECS, "", b"")));
+    let carried = ask("h", "10.0.0.1", Some(signed(&with, NOW_SECS, "n-1", b"")));
+    // Optional by default: the replayable request is allowed, as before.
+    let optional = nonce_key(false, None);
+    assert_eq!(reason(&optional, &bare), None);
+    // Required by the key.
+    let required = nonce_key(true, None);
+    assert_eq!(reason(&required, &bare), Some(DenyReason::NonceMissing));
+    assert_eq!(reason(&required, &carried), None);
+    // Required by the deployment, for every signing key.
+    let strict = Engine {
+        require_nonce: true,
+        ..engine()
+    };
+    let ledger = NonceLedger::default();
+    assert_eq!(
+        strict
+            .decide(&optional, &bare, NOW, Mode::Enforce, &ledger)
+            .verdict,
+        Verdict::Deny(DenyReason::NonceMissing)
+    );
+    assert!(
+        strict
+            .decide(&optional, &carried, NOW, Mode::Enforce, &ledger)
+            .is_allow()
+    );
+    // A bad signature is still reported as such: the nonce rule comes after it.
+    let forged = ask("h", "10.0.0.1", Some(signed("AAAA", NOW_SECS, "", b"")));
+    assert_eq!(
+        reason(&required, &forged),
+        Some(DenyReason::SignatureInvalid)
+    );
+    // Keys that do not sign are not asked for one.
+    assert_eq!(
+        strict
+            .decide(
+                &plain_key(),
+                &ask("secret-a", "203.0.113.5", None),
+                NOW,
+                Mode::Enforce,
+                &ledger
+            )
+            .verdict,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn a_rate_limited_request_does_not_consume_its_nonce_and_a_replay_costs_no_rate() {
+    let snapshot = nonce_key(
+        false,
+        Some(RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+        }),
+    );
+    let ledger = NonceLedger::default();
+    let request = |signature: &'static str, nonce: &'static str| {
+        ask(
+            "h",
+            "10.0.0.1",
+            Some(signed(signature, NOW_SECS, nonce, b"")),
+        )
+    };
+    let first = sign_hmac(HMAC_SECRET, NOW_SECS, "n-1", "POST", "/v1/payments", b"");
+    let second = sign_hmac(HMAC_SECRET, NOW_SECS, "n-2", "POST", "/v1/payments", b"");
+    let (first, second): (&'static str, &'static str) = (first.leak(), second.leak());
+    assert!(decide(&snapshot, &request(first, "n-1"), &ledger).is_allow());
+    assert_eq!(
+        decide(&snapshot, &request(second, "n-2"), &ledger).verdict,
+        Verdict::Deny(DenyReason::RateLimited)
+    );
+    // A second later the same request passes: the refusal did not burn n-2.
+    let later = UnixMillis(NOW.0 + 1000);
+    assert!(
+        engine()
+            .decide(
+                &snapshot,
+                &request(second, "n-2"),
+                later,
+                Mode::Enforce,
+                &ledger
+            )
+            .is_allow()
+    );
+    // Two seconds later, a replay is refused as such and takes no place: the next fresh request
+    // still gets the one the second holds.
+    let even_later = UnixMillis(NOW.0 + 2000);
+    assert_eq!(
+        engine()
+            .decide(
+                &snapshot,
+                &request(first, "n-1"),
+                even_later,
+                Mode::Enforce,
+                &ledger
+            )
+            .verdict,
+        Verdict::Deny(DenyReason::NonceReused)
+    );
+    let third = sign_hmac(HMAC_SECRET, NOW_SECS, "n-3", "POST", "/v1/payments", b"").leak();
+    assert!(
+        engine()
+            .decide(
+                &snapshot,
+                &request(third, "n-3"),
+                even_later,
+                Mode::Enforce,
+                &ledger
+            )
+            .is_allow()
+    );
+}
+
 #[test]
 fn dry_run_consumes_neither_nonce_nor_rate() {
     let mut r = record("key_h", "acme", "production", "h");
@@ -606,9 +735,23 @@ fn dry_run_consumes_neither_nonce_nor_rate() {
     }
     assert!(ledger.is_empty());
     assert!(decide(&snapshot, &request, &ledger).is_allow());
+    // The rate limit comes before the nonce's claim: at once the key is out of budget, a second
+    // later the dry run sees the replay.
     assert_eq!(
         engine()
             .decide(&snapshot, &request, NOW, Mode::DryRun, &ledger)
+            .verdict,
+        Verdict::Deny(DenyReason::RateLimited)
+    );
+    assert_eq!(
+        engine()
+            .decide(
+                &snapshot,
+                &request,
+                UnixMillis(NOW.0 + 1000),
+                Mode::DryRun,
+                &ledger
+            )
             .verdict,
         Verdict::Deny(DenyReason::NonceReused)
     );

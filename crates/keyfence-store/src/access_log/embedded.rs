@@ -20,8 +20,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition};
 
 use super::{
-    AccessBatch, AccessLogStore, AccessPage, AccessQuery, AccessRecord, Entry, KeyIdentity,
-    LastUse, Retention,
+    AccessBatch, AccessLogStore, AccessPage, AccessQuery, Entry, KeyIdentity, LastUse, Retention,
 };
 use keyfence_policy::model::{KeyId, UnixMillis};
 
@@ -41,16 +40,15 @@ pub struct EmbeddedAccessLog {
 impl EmbeddedAccessLog {
     pub fn open(data_dir: &Path) -> StoreResult<EmbeddedAccessLog> {
         let path = data_dir.join(FILE);
-        crate::create_private_file(&path).map_err(|e| {
-            StoreError::Unavailable(format!("cannot create {}: {e}", path.display()))
+        let db = crate::embedded::caught(&path, || {
+            let db = crate::embedded::open_file(&path)?;
+            let txn = db.begin_write().map_err(unavailable)?;
+            txn.open_table(BLOCKS).map_err(unavailable)?;
+            txn.open_table(COUNTS).map_err(unavailable)?;
+            txn.open_table(LAST_USED).map_err(unavailable)?;
+            txn.commit().map_err(unavailable)?;
+            Ok(db)
         })?;
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        let txn = db.begin_write().map_err(unavailable)?;
-        txn.open_table(BLOCKS).map_err(unavailable)?;
-        txn.open_table(COUNTS).map_err(unavailable)?;
-        txn.open_table(LAST_USED).map_err(unavailable)?;
-        txn.commit().map_err(unavailable)?;
         Ok(EmbeddedAccessLog {
             db: Arc::new(db),
             counter: AtomicU64::new(0),
@@ -226,11 +224,7 @@ impl AccessLogStore for EmbeddedAccessLog {
                     {
                         continue;
                     }
-                    page.records.push(AccessRecord {
-                        key: identity.clone(),
-                        entry,
-                    });
-                    if page.records.len() == query.limit {
+                    if page.push(identity.clone(), entry, query.limit) {
                         page.next_page_token = Some(format!("{order}:{}", index + 1));
                         return Ok(page);
                     }
@@ -297,4 +291,80 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::Unavailable(format!("access log task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access_log::{Frontend, MAX_PAGE_BYTES, MAX_PATH_BYTES};
+
+    fn entry(at: i64, path_bytes: usize) -> Entry {
+        Entry {
+            at: UnixMillis(at),
+            frontend: Frontend::Authorize,
+            client_ip: Some("203.0.113.9".parse().unwrap()),
+            allowed: false,
+            would_deny: false,
+            reason: None,
+            endpoint: Some(("GET".into(), format!("/{}", "p".repeat(path_bytes)))),
+            matched: None,
+        }
+    }
+
+    fn identity() -> KeyIdentity {
+        KeyIdentity {
+            key_id: "key_big".parse().unwrap(),
+            partner_id: "acme".parse().unwrap(),
+            environment: "production".parse().unwrap(),
+        }
+    }
+
+    fn query(page_token: Option<String>) -> AccessQuery {
+        AccessQuery {
+            key_id: "key_big".parse().unwrap(),
+            limit: 1000,
+            blocked_only: false,
+            since: None,
+            until: None,
+            page_token,
+        }
+    }
+
+    /// Records written before the edge bounded paths (4 MB each) must not make a page too large
+    /// to send: `keyfence logs` failed with "encoded message length too large".
+    #[tokio::test]
+    async fn a_page_stays_small_whatever_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedAccessLog::open(dir.path()).unwrap();
+        let now = wall_clock_now().0;
+        let huge: Vec<Entry> = (0..3).map(|i| entry(now - i, 4 << 20)).collect();
+        let many: Vec<Entry> = (0..300).map(|i| entry(now - 10 - i, 8 << 10)).collect();
+        for entries in [huge, many] {
+            let batch = AccessBatch {
+                keys: vec![(identity(), entries)],
+            };
+            log.append(batch, Retention::default()).await.unwrap();
+        }
+        let mut pages = 0;
+        let mut seen = 0;
+        let mut token = None;
+        loop {
+            let page = log.list(&query(token)).await.unwrap();
+            let bytes: usize = page.records.iter().map(|r| r.entry.listed_size()).sum();
+            assert!(!page.records.is_empty());
+            assert!(bytes <= MAX_PAGE_BYTES + MAX_PATH_BYTES + 256, "{bytes}");
+            for record in &page.records {
+                let (_, path) = record.entry.endpoint.as_ref().unwrap();
+                assert!(path.len() <= MAX_PATH_BYTES, "{}", path.len());
+            }
+            seen += page.records.len();
+            pages += 1;
+            token = page.next_page_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(seen, 303, "paging by size loses no record");
+        assert!(pages >= 3, "{pages} pages");
+    }
 }

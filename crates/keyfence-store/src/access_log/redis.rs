@@ -119,8 +119,7 @@ impl AccessLogStore for RedisStore {
                 {
                     continue;
                 }
-                page.records.push(record);
-                if page.records.len() == query.limit {
+                if page.push(record.key, record.entry, query.limit) {
                     page.next_page_token = Some(id.clone());
                     return Ok(page);
                 }
