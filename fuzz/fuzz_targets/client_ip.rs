@@ -1,0 +1,6 @@
+#![no_main]
+//! `cargo +nightly fuzz run client_ip`: see `keyfence_fuzz::checks` for what it asserts.
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| keyfence_fuzz::checks::run("client_ip", data));
