@@ -446,7 +446,16 @@ async fn webhook_and_redis_credentials_never_reach_the_log() {
 async fn a_request_refused_while_redis_is_unreachable_does_not_consume_its_nonce() {
     let redis = redis::RedisServer::start();
     let url = redis.url();
-    let server = Server::start(&["--redis-url", &url, "--redis-namespace", "nonces"]);
+    // HMAC keys on Redis need the replicas' shared secrets key file.
+    let key_file = shared_secrets_key_file(redis.dir());
+    let server = Server::start(&[
+        "--redis-url",
+        &url,
+        "--redis-namespace",
+        "nonces",
+        "--secrets-key-file",
+        key_file.to_str().unwrap(),
+    ]);
     let mut admin = server.admin().await;
     let mut authz = server.authorizer().await;
     let key = admin
