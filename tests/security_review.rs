@@ -438,6 +438,21 @@ async fn webhook_and_redis_credentials_never_reach_the_log() {
     for secret in ["t0kenpass", "s3cr3tq", "hook-user"] {
         assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
     }
+    // A Redis URL with a password, in the user part and in the query, while Redis is down (so
+    // that connection errors are logged too).
+    let redis = Server::start(&[
+        "--redis-url",
+        "redis://redis-user:hunter2pass@127.0.0.1:1/0?password=swordfish9",
+    ]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = redis.log();
+    assert!(
+        log.contains("127.0.0.1:1/0"),
+        "the endpoint is still named:\n{log}"
+    );
+    for secret in ["hunter2pass", "swordfish9", "redis-user"] {
+        assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+    }
 }
 
 /// Item 2: a nonce sent while Redis could not answer was consumed although the request was
