@@ -33,7 +33,11 @@ struct Stack {
 
 impl Stack {
     async fn start(keyfence_args: &[&str]) -> Stack {
-        let keyfence = Server::start(keyfence_args);
+        // deploy/envoy/envoy.yaml forwards bodies (with_request_body), so keyfence is told so: a
+        // signed request without a content-length then has no body, as Envoy reports it.
+        let mut args = vec!["--envoy-with-request-body"];
+        args.extend_from_slice(keyfence_args);
+        let keyfence = Server::start(&args);
         let upstream = Upstream::start().await;
         let envoy = Envoy::start(&deploy_config(keyfence.data_addr, upstream.addr)).await;
         Stack {
