@@ -169,11 +169,10 @@ pub struct GrpcMetricsService<S> {
 impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
 where
     S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<CountedBody<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = CountedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -182,23 +181,47 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = method_index(request.uri().path());
         let started = Instant::now();
-        let metrics = self.metrics.clone();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            let mut pending = Some(Pending {
-                metrics,
+        CountedResponse {
+            response: self.inner.call(request),
+            pending: Some(Pending {
+                metrics: self.metrics.clone(),
                 method,
                 started,
-            });
-            // A trailers-only response carries its status in the headers.
-            if let Some(code) = status_code(response.headers())
-                && let Some(pending) = pending.take()
-            {
-                pending.finish(code);
-            }
-            Ok(response.map(|body| CountedBody { body, pending }))
-        })
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's response future, wrapped without a heap allocation: when the response
+    /// arrives, its body is wrapped to count the call.
+    pub struct CountedResponse<F> {
+        #[pin]
+        response: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, ResBody, E> Future for CountedResponse<F>
+where
+    F: Future<Output = Result<http::Response<ResBody>, E>>,
+{
+    type Output = Result<http::Response<CountedBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match this.response.poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(result) => result?,
+        };
+        let mut pending = this.pending.take();
+        // A trailers-only response carries its status in the headers.
+        if let Some(code) = status_code(response.headers())
+            && let Some(pending) = pending.take()
+        {
+            pending.finish(code);
+        }
+        Poll::Ready(Ok(response.map(|body| CountedBody { body, pending })))
     }
 }
 
