@@ -502,42 +502,35 @@ async fn the_cli_speaks_tls_exactly_as_the_address_says() {
     let token_file = token_file.to_str().unwrap();
     let ca_cert = ca.cert.to_str().unwrap();
 
-    let ok = cli(
-        &["keys", "list", "--admin-addr", &https, "--ca-cert", ca_cert],
-        &[("KEYFENCE_ADMIN_TOKEN_FILE", token_file)],
-    );
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    // `keyfence keys list` against `addr` with `flags`: whether it succeeded, and its stderr.
+    let keys_list = |addr: &str, flags: &[&str]| {
+        let mut args = vec!["keys", "list", "--admin-addr", addr];
+        args.extend_from_slice(flags);
+        let output = cli(&args, &[("KEYFENCE_ADMIN_TOKEN_FILE", token_file)]);
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
 
-    let downgrade = cli(
-        &["keys", "list", "--admin-addr", &http, "--ca-cert", ca_cert],
-        &[("KEYFENCE_ADMIN_TOKEN_FILE", token_file)],
-    );
-    assert!(!downgrade.status.success());
-    let stderr = String::from_utf8_lossy(&downgrade.stderr);
+    let (ok, stderr) = keys_list(&https, &["--ca-cert", ca_cert]);
+    assert!(ok, "{stderr}");
+
+    let (ok, stderr) = keys_list(&http, &["--ca-cert", ca_cert]);
+    assert!(!ok);
     assert!(
         stderr.contains("--ca-cert needs an https:// admin address"),
         "{stderr}"
     );
 
-    let plaintext = cli(
-        &["keys", "list", "--admin-addr", &http],
-        &[("KEYFENCE_ADMIN_TOKEN_FILE", token_file)],
-    );
-    assert!(!plaintext.status.success());
-    let stderr = String::from_utf8_lossy(&plaintext.stderr);
+    let (ok, stderr) = keys_list(&http, &[]);
+    assert!(!ok);
     assert!(
         stderr.contains("https://"),
         "the error suggests TLS: {stderr}"
     );
 
-    let no_ca = cli(
-        &["keys", "list", "--admin-addr", &https],
-        &[("KEYFENCE_ADMIN_TOKEN_FILE", token_file)],
-    );
-    assert!(!no_ca.status.success());
-    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("give --ca-cert"));
+    let (ok, stderr) = keys_list(&https, &[]);
+    assert!(!ok);
+    assert!(stderr.contains("give --ca-cert"), "{stderr}");
 }
